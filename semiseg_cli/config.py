@@ -1,0 +1,339 @@
+"""Run configuration: pydantic v2 models, TOML presets and command-line overrides.
+
+A preset is a TOML file in `presets/` (or any path). It is merged with overrides
+(`--set section.key=value` and the shortcut options), then validated once. Unknown keys are an
+error naming the key (`extra="forbid"`), and the `method` field picks the method's own section
+through a discriminated union. The fully resolved config is written into every run folder and
+into every checkpoint, so later commands need nothing but the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from semiseg_cli.errors import UserError
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the images are and how training crops are made."""
+
+    dataset: Literal["voc", "cityscapes", "camvid", "folder", "demo"] = "demo"
+    root: str = "demo_data"
+    # Pool the labeled/unlabeled split is drawn from, and the split used for validation.
+    train_split: str = "train"
+    val_split: str = "val"
+    # Either split files written by `prepare-splits` ...
+    labeled_list: str | None = None
+    unlabeled_list: str | None = None
+    # ... or a fraction/count; the split is then drawn at train time with `split_seed`.
+    labeled: str | None = None
+    split_seed: int = 0
+    # Image-level tags file (DuPL); `None` derives tags from the masks.
+    tags_file: str | None = None
+    # Resize every image by this factor when read (CamVid at half resolution: 0.5).
+    resize: float = 1.0
+    crop_size: tuple[int, int] = (128, 128)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    batch_size: int = Field(8, ge=1)
+    unlabeled_batch_size: int | None = Field(None, ge=1)
+    workers: int = Field(2, ge=0)
+    ignore_index: int = IGNORE_INDEX
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("resize")
+    @classmethod
+    def _resize_positive(cls, v: float) -> float:
+        if not 0 < v <= 4:
+            raise ValueError("must be in (0, 4]")
+        return v
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be two positive numbers, low <= high")
+        return v
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8:
+            raise ValueError("both sides must be at least 8 pixels")
+        return v
+
+
+class ModelConfig(Section):
+    """The segmentation network."""
+
+    arch: Literal["deeplabv3plus", "deeplabv2"] = "deeplabv3plus"
+    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v2"] = "resnet18"
+    output_stride: Literal[8, 16] = 16
+    deep_stem: bool = False
+    multi_grid: tuple[int, int, int] | None = None
+    # "imagenet" (torchvision download, for users), a path to a local state dict, or none.
+    pretrained: str | None = None
+    aspp_dilations: tuple[int, ...] | None = None  # None: (6,12,18) at OS16, (12,24,36) at OS8
+    aspp_channels: int = 256
+    decoder_channels: int = 256
+    dropout: float = 0.1
+    rep_head: bool = False  # U2PL representation head
+    rep_dim: int = 256
+    aux_head: bool = False  # auxiliary classifier on layer3 (Cityscapes recipe)
+    # DeepLab-v2 classifier: the paper sums all four branches; the official code only two.
+    v2_branches: Literal[2, 4] = 4
+    sync_bn: bool = True  # only has an effect under torchrun
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    head_lr_mult: float = Field(10.0, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    poly_power: float = 0.9
+    warmup_iters: int = Field(0, ge=0)
+
+
+class TrainConfig(Section):
+    iters: int = Field(1000, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    amp: bool = True  # bf16 autocast; only on CUDA
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    loss: Literal["ce", "ohem"] = "ce"
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000
+    aux_weight: float = 0.4
+    log_interval: int = Field(10, ge=1)
+    val_interval: int = Field(500, ge=0)  # 0: validate only at the end
+    ckpt_interval: int = Field(500, ge=1)
+    deterministic: bool = False
+
+
+class EvalConfig(Section):
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: tuple[int, int] | None = None  # slide window; defaults to data.crop_size
+    stride: tuple[int, int] | None = None  # slide stride; defaults to 2/3 of the window
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    batch_size: int = Field(1, ge=1)
+
+
+class RunBase(Section):
+    name: str = "run"
+    out: str = "runs/run"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class SupervisedConfig(RunBase):
+    method: Literal["supervised"] = "supervised"
+
+
+# Method sections live beside their methods; imported here so the union below is complete.
+from semiseg_cli.methods.params import AdvSemiSegParams, DuPLParams, U2PLParams  # noqa: E402
+
+
+class U2PLConfig(RunBase):
+    method: Literal["u2pl"]
+    u2pl: U2PLParams = U2PLParams()
+
+
+class AdvSemiSegConfig(RunBase):
+    method: Literal["advsemiseg"]
+    advsemiseg: AdvSemiSegParams = AdvSemiSegParams()
+
+
+class DuPLConfig(RunBase):
+    method: Literal["dupl"]
+    dupl: DuPLParams = DuPLParams()
+
+
+RunConfig = Annotated[
+    Union[SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig],
+    Field(discriminator="method"),
+]
+METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl")
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(RunConfig)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def presets_dir() -> Path:
+    env = os.environ.get("SEMISEG_PRESETS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> list[str]:
+    d = presets_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise UserError(f"preset file {p} does not exist; give a path to a .toml file or a preset name")
+        return p
+    candidate = presets_dir() / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    known = list_presets()
+    close = [k for k in known if name_or_path in k]
+    hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+    raise UserError(f"unknown preset {name_or_path!r}{hint}; list them with `semiseg train --list-presets`")
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"preset {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read preset {path}: {e.strerror}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as TOML (numbers, booleans, lists, quoted strings); else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text.lower() in ("none", "null"):
+            return None
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply `section.key=value` to a raw config dict in place."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r} must look like section.key=value, e.g. --set train.iters=200")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {assignment!r} has an empty key; use section.key=value")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"--set {key}: {p} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"] if not isinstance(x, int) or True)
+    # Drop the union tag pydantic inserts (e.g. "u2pl.") at the front of the location.
+    tag = first["loc"][0] if first["loc"] else None
+    if tag in METHOD_NAMES and len(first["loc"]) > 1:
+        loc = ".".join(str(x) for x in first["loc"][1:])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = f"unknown key {loc!r} in {source}; check the spelling against docs/presets.md"
+    elif kind == "union_tag_invalid":
+        msg = f"method must be one of {', '.join(METHOD_NAMES)} in {source}"
+    elif kind == "union_tag_not_found":
+        msg = f"{source} has no method; add method = \"supervised\" (or {', '.join(METHOD_NAMES[1:])})"
+    else:
+        got = first.get("input")
+        got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+        msg = f"invalid value for {loc} in {source}: {first['msg']}{got_s}"
+    extra = len(err.errors()) - 1
+    return msg + (f" [+{extra} more problem{'s' if extra > 1 else ''}]" if extra > 0 else "")
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Any:
+    raw = copy.deepcopy(raw)
+    raw.setdefault("method", "supervised")
+    try:
+        cfg = _ADAPTER.validate_python(raw)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source)) from None
+    return cfg
+
+
+def build_config(
+    preset: str | None,
+    overrides: list[str] | None = None,
+    method: str | None = None,
+) -> Any:
+    """Load a preset (or the defaults), switch method if asked, apply overrides, validate."""
+    if preset:
+        path = resolve_preset(preset)
+        raw = load_toml(path)
+        source = f"preset {path.name}"
+        raw.setdefault("name", path.stem)
+    else:
+        raw, source = {}, "config"
+    if method:
+        if method not in METHOD_NAMES:
+            raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        if raw.get("method", "supervised") != method:
+            # Keep the data/model/optim/train sections, drop the other method's own section.
+            for m in METHOD_NAMES:
+                raw.pop(m, None)
+            raw["method"] = method
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    return validate(raw, source + (" with overrides" if overrides else ""))
+
+
+def config_to_toml(cfg: Any) -> str:
+    """Serialise a validated config as TOML (the resolved config written into run folders)."""
+    data = cfg.model_dump(mode="json")
+    lines: list[str] = []
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            if v is None:
+                continue  # TOML has no null: absent means default None
+            lines.append(f"{k} = {fmt(v)}")
+        for k, v in subs.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(data, "")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    """Rebuild a config stored in a checkpoint."""
+    return validate(data, "checkpoint config")
