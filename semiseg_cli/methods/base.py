@@ -24,6 +24,26 @@ from semiseg_cli.errors import UserError
 
 
 @dataclass
+class TrainContext:
+    """What the loop knows and a method may need (epoch lengths for per-epoch schedules)."""
+
+    total_iters: int
+    labeled_size: int
+    unlabeled_size: int
+    labeled_batch: int
+    unlabeled_batch: int
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def epoch_iters(self) -> int:
+        """Iterations per epoch over the unlabeled pool (the labeled pool without one)."""
+        pool, batch = (self.unlabeled_size, self.unlabeled_batch) if self.unlabeled_size else (self.labeled_size, self.labeled_batch)
+        return max(1, pool // max(1, batch * self.world_size))
+
+
+@dataclass
 class OptimizerSpec:
     """An optimizer, the LR schedule factor as a function of the step, and how often it steps."""
 
@@ -90,6 +110,11 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.class_names = class_names
         self.model: nn.Module = self.build_inference_model(cfg, num_classes)
+        self.ctx: TrainContext | None = None
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called by the loop once data sizes and the device are known, before optimizers exist."""
+        self.ctx = ctx
 
     # ------------------------------------------------------------------ construction
     @classmethod
