@@ -217,6 +217,27 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read preset {path}: {e.strerror}") from None
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset may start from another one (`base = "name"`), then override a few fields."""
+    raw = load_toml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = resolve_preset(str(base)) if not str(base).endswith(".toml") else (path.parent / str(base))
+    if base_path.resolve() in _seen:
+        raise UserError(f"preset {path.name}: base chain loops back to {base_path.name}")
+    parent = load_preset(base_path, _seen + (path.resolve(),))
+    parent.pop("name", None)
+    return _merge(parent, raw)
+
+
 def _parse_value(text: str) -> Any:
     """Parse an override value as TOML (numbers, booleans, lists, quoted strings); else a bare string."""
     try:
@@ -284,7 +305,7 @@ def build_config(
     """Load a preset (or the defaults), switch method if asked, apply overrides, validate."""
     if preset:
         path = resolve_preset(preset)
-        raw = load_toml(path)
+        raw = load_preset(path)
         source = f"preset {path.name}"
         raw.setdefault("name", path.stem)
     else:

@@ -1,0 +1,270 @@
+"""The `semiseg` command line: parse, validate, call the library, map errors. Nothing else.
+
+User errors (`UserError`) print as one line on stderr and exit non-zero without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from semiseg_cli import __version__
+from semiseg_cli.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="semiseg",
+    help="Semantic segmentation with scarce labels: semi-supervised (U2PL, AdvSemiSeg) and weakly supervised (DuPL).",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+# ----------------------------------------------------------------------------- option types
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt/last.pt written by `semiseg train`.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Runtime")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+ScalesOpt = Annotated[Optional[str], typer.Option("--scales", help="Test-time scales, e.g. 0.75,1.0,1.25.", rich_help_panel="Inference")]
+FlipOpt = Annotated[bool, typer.Option("--flip", help="Average with horizontally flipped predictions.", rich_help_panel="Inference")]
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="whole | slide.", rich_help_panel="Inference")]
+
+
+def user_errors(fn: F) -> F:
+    """Map `UserError` to a one-line message and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]; outputs written so far are complete (rerun to resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, e.g. 0.75,1.0,1.25 (got {text!r})") from None
+    if not vals or min(vals) <= 0:
+        raise UserError(f"{what} must be positive numbers (got {text!r})")
+    return vals
+
+
+def parse_size(text: str, what: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in text.replace("x", ",").split(",") if x]
+    except ValueError:
+        raise UserError(f"{what} must be one or two integers like 321 or 224,288 (got {text!r})") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise UserError(f"{what} must be one or two integers like 321 or 224,288 (got {text!r})")
+    return parts[0], parts[1]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"semiseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Train with few labels, inspect pseudo-labels, evaluate and ship the model."""
+
+
+# ----------------------------------------------------------------------------- prepare-splits
+@app.command("prepare-splits", rich_help_panel="Data")
+@user_errors
+def prepare_splits_cmd(
+    dataset: Annotated[str, typer.Option(help="voc | cityscapes | camvid | folder | demo.")],
+    root: Annotated[Path, typer.Option(help="Dataset root folder.")],
+    labeled: Annotated[str, typer.Option(help="Fraction (1/8), count (183), or several: 1/16,1/8,92.")],
+    out: Annotated[Path, typer.Option(help="Folder for labeled.txt / unlabeled.txt.")] = Path("splits"),
+    seed: Annotated[int, typer.Option(help="Split seed: same seed, byte-identical files.")] = 0,
+    split: Annotated[str, typer.Option(help="Training pool (voc: train or train_aug).")] = "train",
+    tags: Annotated[bool, typer.Option("--tags", help="Also write tags.json (image-level class tags) for weak supervision.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Validate a dataset and draw reproducible labeled/unlabeled splits.
+
+    Example: [cyan]semiseg prepare-splits --dataset camvid --root ../shared/data/camvid --labeled 1/8 --out splits/camvid[/]
+    """
+    from semiseg_cli.data.splits import DatasetProblems, parse_amounts, prepare_splits
+
+    amounts = parse_amounts(labeled)
+    try:
+        written = prepare_splits(dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags)
+    except DatasetProblems as e:
+        for p in e.problems[:50]:
+            err_console.print(f"  - {p}", highlight=False)
+        if len(e.problems) > 50:
+            err_console.print(f"  ... and {len(e.problems) - 50} more", highlight=False)
+        raise
+    for path in written:
+        out_console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- train
+@app.command("train", rich_help_panel="Train and evaluate")
+@user_errors
+def train_cmd(
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name in presets/ or a .toml path.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="supervised | u2pl | advsemiseg | dupl (overrides the preset).")] = None,
+    labeled: Annotated[Optional[str], typer.Option(help="Labeled fraction or count drawn from the training pool, e.g. 1/8.", rich_help_panel="Data")] = None,
+    labeled_list: Annotated[Optional[Path], typer.Option(help="labeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
+    unlabeled_list: Annotated[Optional[Path], typer.Option(help="unlabeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root (overrides data.root).", rich_help_panel="Data")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Training iterations.", rich_help_panel="Schedule")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Labeled images per step (and unlabeled unless set apart).", rich_help_panel="Schedule")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Base learning rate (backbone).", rich_help_panel="Schedule")] = None,
+    crop_size: Annotated[Optional[str], typer.Option(help="Training crop: 321 or 224,288 (H,W).", rich_help_panel="Data")] = None,
+    device: DeviceOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed.", rich_help_panel="Runtime")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder.", rich_help_panel="Runtime")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any field: section.key=value (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.", rich_help_panel="Runtime")] = False,
+    overwrite: Overwrite = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    list_presets: Annotated[bool, typer.Option("--list-presets", help="List the shipped presets and exit.")] = False,
+) -> None:
+    """Train a model (supervised baseline, U2PL, AdvSemiSeg or DuPL).
+
+    Example: [cyan]semiseg train --preset u2pl_mbv2-os16_1x4+4-1500it_camvid-224x288 --labeled 1/8[/]
+    """
+    from semiseg_cli.config import build_config, config_to_toml, list_presets as _list
+
+    if list_presets:
+        for name in _list():
+            out_console.print(name)
+        return
+    overrides = list(set_ or [])
+    shortcut = {
+        "data.labeled": f'"{labeled}"' if labeled else None,
+        "data.labeled_list": f'"{labeled_list}"' if labeled_list else None,
+        "data.unlabeled_list": f'"{unlabeled_list}"' if unlabeled_list else None,
+        "data.root": f'"{root}"' if root else None,
+        "train.iters": iters,
+        "data.batch_size": batch_size,
+        "optim.lr": lr,
+        "data.crop_size": list(parse_size(crop_size, "--crop-size")) if crop_size else None,
+        "train.device": f'"{device}"' if device else None,
+        "train.seed": seed,
+        "out": f'"{out}"' if out else None,
+    }
+    for key, val in shortcut.items():
+        if val is not None:
+            overrides.append(f"{key}={val}")
+    if labeled and labeled_list:
+        raise UserError("--labeled and --labeled-list contradict each other; pass one of them")
+    cfg = build_config(preset, overrides, method)
+    if cfg.out == "runs/run":  # default folder: name it after the preset and method
+        cfg.out = f"runs/{cfg.name}" if cfg.method in cfg.name else f"runs/{cfg.name}-{cfg.method}"
+    if dry_run:
+        out_console.print(config_to_toml(cfg), highlight=False, markup=False)
+        return
+    from semiseg_cli.engine.loop import train
+
+    result = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
+    out_console.print(f"run folder: {result.run_dir}  best val mIoU: {100 * result.best_miou:.2f}")
+    if result.last_metrics:
+        from semiseg_cli.eval_report import print_report
+
+        print_report(result.last_metrics, out_console, title=f"{cfg.method} — final validation")
+
+
+# ----------------------------------------------------------------------------- eval
+@app.command("eval", rich_help_panel="Train and evaluate")
+@user_errors
+def eval_cmd(
+    checkpoint: Checkpoint,
+    split: Annotated[str, typer.Option(help="Dataset split (val, test) or a split file.")] = "val",
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since training.")] = None,
+    mode: ModeOpt = None,
+    scales: ScalesOpt = None,
+    flip: FlipOpt = False,
+    crop_size: Annotated[Optional[str], typer.Option(help="Sliding-window size.", rich_help_panel="Inference")] = None,
+    weights: Annotated[str, typer.Option(help="auto (EMA teacher if any) | teacher | student.")] = "auto",
+    device: DeviceOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
+    confusion_png: Annotated[Optional[Path], typer.Option(help="Write the row-normalised confusion matrix as PNG.")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel="Runtime")] = 2,
+    overwrite: Overwrite = False,
+) -> None:
+    """Evaluate a checkpoint: mIoU, aAcc, mAcc and the per-class IoU table.
+
+    Example: [cyan]semiseg eval -c runs/demo/best.pt --split val --scales 0.75,1.0,1.25 --flip --json report.json[/]
+    """
+    from semiseg_cli.eval_report import run_eval
+
+    if mode is not None and mode not in ("whole", "slide"):
+        raise UserError(f"--mode must be whole or slide (got {mode!r})")
+    run_eval(
+        checkpoint, split=split, root=root, mode=mode, scales=parse_floats(scales, "--scales"), flip=flip,
+        crop_size=parse_size(crop_size, "--crop-size") if crop_size else None, weights=weights,
+        device=device, json_out=json_out, confusion_png=confusion_png, workers=workers,
+        overwrite=overwrite, console=out_console,
+    )
+
+
+# ----------------------------------------------------------------------------- demo data
+@app.command("demo-data", rich_help_panel="Data")
+@user_errors
+def demo_data_cmd(
+    out: Annotated[Path, typer.Option(help="Folder to write the demo dataset into.")] = Path("demo_data"),
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 300,
+    n_val: Annotated[int, typer.Option(help="Validation images.")] = 60,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Generate the built-in synthetic demo dataset (no download)."""
+    from semiseg_cli.data.demo import generate_demo
+
+    path = generate_demo(out, n_train=n_train, n_val=n_val, size=size, seed=seed, overwrite=overwrite)
+    out_console.print(f"demo dataset in {path}")
+
+
+def _register_optional() -> None:
+    """Commands whose modules are owned elsewhere register themselves here."""
+    import importlib
+
+    for module in ("semiseg_cli.pseudo_label", "semiseg_cli.export"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(app, user_errors)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app(prog_name="semiseg")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

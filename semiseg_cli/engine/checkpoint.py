@@ -1,0 +1,90 @@
+"""Checkpoints: one self-describing file per save.
+
+A checkpoint carries the resolved config and class names, so `eval`, `pseudo-label` and `export`
+need nothing but its path. Weights are stored unwrapped (no DDP `module.` prefixes). Files are
+written to a temporary name and renamed, so a run killed mid-save keeps its previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from semiseg_cli import __version__
+from semiseg_cli.errors import UserError
+from semiseg_cli.io import atomic_path
+
+FORMAT = "semiseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "semiseg_version": __version__, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a training run")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # corrupt or truncated files raise many different errors
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it may be truncated or not a semiseg checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a semiseg checkpoint (no '{FORMAT}' marker); train one with `semiseg train`")
+    return ckpt
+
+
+def load_for_inference(
+    path: str | Path, device: torch.device | str = "cpu", weights: str = "auto"
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild the inference network of a checkpoint: (model in eval mode, config, checkpoint).
+
+    `weights`: "auto" (the EMA teacher when the method has one), "teacher" or "student".
+    """
+    from semiseg_cli.config import config_from_dict
+    from semiseg_cli.methods import get_method
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    method_cls = get_method(cfg.method)
+    model = method_cls.build_inference_model(cfg, ckpt["num_classes"])
+    if weights == "student":
+        state = ckpt.get("student_state")
+        if state is None:
+            raise UserError(f"{path} stores no separate student weights; use --weights auto")
+    elif weights == "teacher" and not ckpt.get("has_teacher"):
+        raise UserError(f"{path} was trained with {cfg.method}, which has no EMA teacher; use --weights auto")
+    else:
+        state = ckpt["inference_state"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise UserError(f"{path} does not match its own config ({len(missing)} missing tensors, e.g. {missing[0]}); was it written by another semiseg version?")
+    model.to(device).eval()
+    return model, cfg, ckpt
