@@ -1,0 +1,193 @@
+"""DeepLab-v3+ (U2PL's network) and DeepLab-v2 (AdvSemiSeg's), over any backbone.
+
+Both return a dict: `logits` at the input size, `feat` (the backbone's final map), and when asked
+`rep` (U2PL representation, stride 4) and `aux` (layer3 classifier, input size). Every resize
+takes its size from a tensor's shape, so odd input sizes work and the graph exports to ONNX.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semiseg_cli.errors import UserError
+from semiseg_cli.models.backbones import Backbone
+
+
+def _resize(x: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (k // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _init_head(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class SegModel(nn.Module):
+    """Base of every segmentation network: a `backbone` attribute, a dict-returning forward.
+
+    The optimiser gives `backbone` the base LR and every other parameter `head_lr_mult` times it.
+    """
+
+    backbone: Backbone
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Class indices (B, H, W) from eval-mode logits; restores the previous train/eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(x)["logits"].argmax(1)
+        finally:
+            self.train(was_training)
+
+
+class AuxHead(nn.Sequential):
+    """Auxiliary classifier on layer3 features (U2PL's Cityscapes recipe, weight 0.4 in the loss)."""
+
+    def __init__(self, cin: int, num_classes: int, dropout: float = 0.1, channels: int = 256) -> None:
+        super().__init__(conv_bn_relu(cin, channels), nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+
+
+class ASPP(nn.Module):
+    """1x1 branch, one 3x3 atrous branch per rate, image pooling; concatenated and projected by a
+    1x1 conv (DeepLab-v3+ paper; U2PL projects with a 3x3 conv instead).
+
+    The pooling branch has BatchNorm on a 1x1 map, so training needs at least two images per
+    BN group (per GPU without SyncBN), as in every DeepLab-v3 implementation.
+    """
+
+    def __init__(self, cin: int, channels: int, dilations: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(cin, channels, 1)] + [conv_bn_relu(cin, channels, 3, d) for d in dilations]
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, channels, 1))
+        self.project = nn.Sequential(
+            conv_bn_relu(channels * (len(dilations) + 2), channels, 1), nn.Dropout2d(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [b(x) for b in self.branches]
+        outs.append(_resize(self.pool(x), x))
+        return self.project(torch.cat(outs, dim=1))
+
+
+def _fused_head(cin: int, channels: int, cout: int, dropout: float) -> nn.Sequential:
+    """3x3 → channels, 3x3 → channels, 1x1 → cout: U2PL's classifier and representation heads."""
+    return nn.Sequential(
+        conv_bn_relu(cin, channels),
+        nn.Dropout2d(dropout),
+        conv_bn_relu(channels, channels),
+        nn.Dropout2d(dropout),
+        nn.Conv2d(channels, cout, 1),
+    )
+
+
+class DeepLabV3Plus(SegModel):
+    """ASPP on the final features, fused at stride 4 with the projected layer1 features.
+
+    `low_proj_channels` is the width of the layer1 projection: 48 as in the DeepLab-v3+ paper
+    (default); U2PL uses 256 (its heads then start from 512 channels).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        aspp_dilations: tuple[int, ...],
+        aspp_channels: int = 256,
+        decoder_channels: int = 256,
+        dropout: float = 0.1,
+        rep_head: bool = False,
+        rep_dim: int = 256,
+        aux_head: bool = False,
+        low_proj_channels: int = 48,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPP(backbone.out_channels, aspp_channels, tuple(aspp_dilations), dropout)
+        self.low_proj = conv_bn_relu(backbone.low_channels, low_proj_channels, 1)
+        fused = aspp_channels + low_proj_channels
+        self.classifier = _fused_head(fused, decoder_channels, num_classes, dropout)
+        self.rep = _fused_head(fused, decoder_channels, rep_dim, dropout) if rep_head else None
+        self.aux = AuxHead(backbone.mid_channels, num_classes, dropout) if aux_head else None
+        for m in (self.aspp, self.low_proj, self.classifier, self.rep, self.aux):
+            if m is not None:
+                _init_head(m)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.backbone(x)
+        low = self.low_proj(f["low"])
+        fused = torch.cat([low, _resize(self.aspp(f["out"]), low)], dim=1)
+        out = {"logits": _resize(self.classifier(fused), x), "feat": f["out"]}
+        if self.rep is not None:
+            out["rep"] = self.rep(fused)
+        if self.aux is not None:
+            out["aux"] = _resize(self.aux(f["mid"]), x)
+        return out
+
+
+class DeepLabV2(SegModel):
+    """DeepLab-v2: the ASPP classifier is a sum of 3x3 dilated convs from the backbone's final
+    features straight to class scores (no BN, no decoder).
+
+    The paper sums four branches (rates 6, 12, 18, 24). AdvSemiSeg's official `Classifier_Module`
+    returns inside its loop after adding the second branch, so its network sums only two: pass
+    `branches=2` to reproduce that code.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        dilations: tuple[int, ...] = (6, 12, 18, 24),
+        branches: int = 4,
+        aux_head: bool = False,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if branches > len(dilations):
+            raise UserError(
+                f"model.v2_branches={branches} needs at least {branches} model.aspp_dilations "
+                f"(got {tuple(dilations)})"
+            )
+        self.backbone = backbone
+        self.classifier = nn.ModuleList(
+            [nn.Conv2d(backbone.out_channels, num_classes, 3, padding=d, dilation=d) for d in dilations[:branches]]
+        )
+        for conv in self.classifier:
+            nn.init.normal_(conv.weight, 0.0, 0.01)  # as the official code
+            nn.init.zeros_(conv.bias)
+        self.aux = AuxHead(backbone.mid_channels, num_classes, dropout) if aux_head else None
+        if self.aux is not None:
+            _init_head(self.aux)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.backbone(x)
+        logits = self.classifier[0](f["out"])
+        for conv in self.classifier[1:]:
+            logits = logits + conv(f["out"])
+        out = {"logits": _resize(logits, x), "feat": f["out"]}
+        if self.aux is not None:
+            out["aux"] = _resize(self.aux(f["mid"]), x)
+        return out

@@ -1,0 +1,367 @@
+"""Networks: one base test class that every architecture/backbone combination subclasses, then
+pretrained loading, the discriminator and DeepLab-v2's branch count. All on CPU at 64x64."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from semiseg_cli.config import ModelConfig
+from semiseg_cli.errors import UserError
+from semiseg_cli.models import DeepLabV2, DeepLabV3Plus, FCDiscriminator, SegModel, build_model
+from semiseg_cli.models.backbones import build_backbone
+
+NUM_CLASSES = 3
+SHARED_MOBILENET = Path("/work/shared/weights/mobilenet_v2_imagenet_features.pth")
+if not SHARED_MOBILENET.is_file():
+    SHARED_MOBILENET = Path(__file__).resolve().parents[1].parent / "shared/weights/mobilenet_v2_imagenet_features.pth"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """These tiny convolutions run faster on one thread, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _stride_size(n: int, stride: int) -> int:
+    return math.ceil(n / stride)
+
+
+class BaseModelTest:
+    """Subclass with a `cfg` dict of ModelConfig fields; everything else is shared."""
+
+    cfg: ClassVar[dict[str, Any]] = {}
+    export: ClassVar[bool] = False  # ONNX round-trip (only on a few small models, for time)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model(cls) -> SegModel:
+        torch.manual_seed(0)
+        return build_model(ModelConfig(**cls.cfg), NUM_CLASSES)
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return ModelConfig(**self.cfg)
+
+    def _expected_keys(self) -> set[str]:
+        keys = {"logits", "feat"}
+        if self.model_cfg.rep_head:
+            keys.add("rep")
+        if self.model_cfg.aux_head:
+            keys.add("aux")
+        return keys
+
+    def _check_shapes(self, model: SegModel, out: dict[str, torch.Tensor], b: int, h: int, w: int) -> None:
+        cfg = self.model_cfg
+        assert set(out) == self._expected_keys()
+        assert out["logits"].shape == (b, NUM_CLASSES, h, w)
+        os_ = 8 if cfg.arch == "deeplabv2" else cfg.output_stride
+        assert out["feat"].shape == (b, model.backbone.out_channels, _stride_size(h, os_), _stride_size(w, os_))
+        if "rep" in out:
+            assert out["rep"].shape == (b, cfg.rep_dim, _stride_size(h, 4), _stride_size(w, 4))
+        if "aux" in out:
+            assert out["aux"].shape == (b, NUM_CLASSES, h, w)
+
+    def test_forward_shapes(self, model: SegModel) -> None:
+        model.train()
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 64, 64))
+        self._check_shapes(model, out, 2, 64, 64)
+        assert all(torch.isfinite(v).all() for v in out.values())
+
+    def test_backbone_levels(self, model: SegModel) -> None:
+        bb = model.backbone
+        with torch.no_grad():
+            f = bb(torch.randn(2, 3, 64, 64))
+        assert f["low"].shape[1:] == (bb.low_channels, 16, 16)
+        assert f["mid"].shape[1] == bb.mid_channels
+        assert f["out"].shape[1] == bb.out_channels
+
+    def test_backward_reaches_every_parameter(self, model: SegModel) -> None:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(2, 3, 64, 64))
+        sum(v.float().mean() for k, v in out.items() if k != "feat").backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing[:5]
+        model.zero_grad(set_to_none=True)
+
+    def test_odd_input_size(self, model: SegModel) -> None:
+        model.train()
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 65, 90))
+        self._check_shapes(model, out, 2, 65, 90)
+
+    def test_eval_batch_one_and_predict(self, model: SegModel) -> None:
+        model.train()
+        x = torch.randn(1, 3, 64, 64)
+        pred = model.predict(x)
+        assert model.training  # predict restores the mode
+        assert pred.shape == (1, 64, 64) and pred.dtype == torch.long
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        self._check_shapes(model, out, 1, 64, 64)
+        assert torch.equal(out["logits"].argmax(1), pred)
+        model.train()
+
+    @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+    def test_onnx_export(self, model: SegModel) -> None:
+        if not self.export:
+            pytest.skip("export checked on a few small models only")
+        ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+
+        class Logits(nn.Module):
+            def __init__(self, m: SegModel) -> None:
+                super().__init__()
+                self.m = m
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.m(x)["logits"]
+
+        wrapped = Logits(model).eval()
+        buf = io.BytesIO()
+        torch.onnx.export(
+            wrapped,
+            (torch.randn(1, 3, 64, 64),),
+            buf,
+            dynamo=False,
+            input_names=["image"],
+            dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}},
+        )
+        x = torch.randn(1, 3, 65, 90)
+        got = ort.InferenceSession(buf.getvalue()).run(None, {"image": x.numpy()})[0]
+        with torch.no_grad():
+            want = wrapped(x).numpy()
+        assert got.shape == want.shape and abs(got - want).max() < 1e-3
+        model.train()
+
+
+class TestV3PlusResNet18OS16(BaseModelTest):
+    cfg = {"backbone": "resnet18", "output_stride": 16, "rep_head": True, "aux_head": True, "rep_dim": 32}
+    export = True
+
+
+class TestV3PlusResNet18OS8(BaseModelTest):
+    cfg = {"backbone": "resnet18", "output_stride": 8, "aspp_channels": 64, "decoder_channels": 64}
+
+
+class TestV3PlusResNet50U2PL(BaseModelTest):
+    """U2PL's network layout on ResNet-50 (ResNet-101 is only shape-tested, for time)."""
+
+    cfg = {
+        "backbone": "resnet50",
+        "output_stride": 8,
+        "deep_stem": True,
+        "multi_grid": (2, 2, 4),
+        "rep_head": True,
+        "aux_head": True,
+    }
+
+
+class TestV3PlusMobileNetV2OS8(BaseModelTest):
+    cfg = {"backbone": "mobilenet_v2", "output_stride": 8, "aux_head": True}
+    export = True
+
+
+class TestV3PlusMobileNetV2OS16(BaseModelTest):
+    cfg = {"backbone": "mobilenet_v2", "output_stride": 16, "rep_head": True}
+
+
+class TestV2ResNet18(BaseModelTest):
+    cfg = {"arch": "deeplabv2", "backbone": "resnet18", "aux_head": True}
+    export = True
+
+
+class TestV2ResNet18TwoBranches(BaseModelTest):
+    cfg = {"arch": "deeplabv2", "backbone": "resnet18", "v2_branches": 2}
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_resnet101_shapes_at_tiny_input() -> None:
+    m = build_model(ModelConfig(backbone="resnet101", output_stride=16), NUM_CLASSES).eval()
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 33, 40))
+    assert out["logits"].shape == (1, NUM_CLASSES, 33, 40)
+    assert out["feat"].shape == (1, 2048, 3, 3)
+
+
+def test_aspp_default_dilations_follow_output_stride() -> None:
+    def rates(os_: int) -> list[int]:
+        m = build_model(ModelConfig(backbone="mobilenet_v2", output_stride=os_), NUM_CLASSES)
+        assert isinstance(m, DeepLabV3Plus)
+        return [b[0].dilation[0] for b in m.aspp.branches[1:]]
+
+    assert rates(16) == [6, 12, 18]
+    assert rates(8) == [12, 24, 36]
+    m = build_model(ModelConfig(backbone="mobilenet_v2", aspp_dilations=(2, 4)), NUM_CLASSES)
+    assert [b[0].dilation[0] for b in m.aspp.branches[1:]] == [2, 4]
+
+
+def test_multi_grid_multiplies_layer4_rates_as_u2pl() -> None:
+    bb = build_backbone("resnet50", 8, multi_grid=(2, 2, 4))
+    assert [blk.conv2.dilation[0] for blk in bb.layer4] == [4, 8, 16]
+    assert all(blk.conv2.padding == blk.conv2.dilation for blk in bb.layer4)
+
+
+def test_resnet18_dilation_keeps_torchvision_names_and_shapes() -> None:
+    bb = build_backbone("resnet18", 8)
+    ref = {k: v.shape for k, v in tvm.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in bb.state_dict().items()} == ref
+    assert [blk.conv1.stride for blk in bb.layer3] == [(1, 1), (1, 1)]
+    assert bb.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_deep_stem_layout() -> None:
+    bb = build_backbone("resnet18", 16, deep_stem=True)
+    convs = [m for m in bb.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (3, 64, (3, 3)),
+        (64, 64, (3, 3)),
+        (64, 128, (3, 3)),
+    ]
+    assert bb.layer1[0].conv1.in_channels == 128
+
+
+def test_config_errors_are_user_errors() -> None:
+    with pytest.raises(UserError, match="rep_head"):
+        build_model(ModelConfig(arch="deeplabv2", rep_head=True), NUM_CLASSES)
+    with pytest.raises(UserError, match="multi_grid"):
+        build_model(ModelConfig(backbone="resnet18", multi_grid=(1, 2, 4)), NUM_CLASSES)
+    with pytest.raises(UserError, match="deep_stem"):
+        build_model(ModelConfig(backbone="mobilenet_v2", deep_stem=True), NUM_CLASSES)
+    with pytest.raises(UserError, match="v2_branches"):
+        build_model(ModelConfig(arch="deeplabv2", aspp_dilations=(6,)), NUM_CLASSES)
+
+
+def test_deep_stem_with_imagenet_is_refused_before_any_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_download(*a: Any, **k: Any) -> None:
+        raise AssertionError("must not download")
+
+    monkeypatch.setattr("semiseg_cli.models.backbones._imagenet_state", no_download)
+    with pytest.raises(UserError, match="deep stem"):
+        build_model(ModelConfig(backbone="resnet50", deep_stem=True, pretrained="imagenet"), NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return tvm.resnet18(weights=None).state_dict()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": {f"module.backbone.{k}": v for k, v in sd.items()}},
+        lambda sd: {"model": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 3},
+    ],
+    ids=["plain", "state_dict-module-backbone", "model-backbone"],
+)
+def test_local_state_dict_loads(tmp_path: Path, resnet18_weights: dict[str, torch.Tensor], wrap: Any) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(wrap(resnet18_weights), path)
+    bb = build_backbone("resnet18", 8, pretrained=str(path))
+    n = len(bb.state_dict())
+    assert bb.pretrained_report == (n, n)  # everything but fc.* matched
+    assert torch.equal(bb.layer4[1].conv2.weight, resnet18_weights["layer4.1.conv2.weight"])
+
+
+def test_whole_model_checkpoint_feeds_backbone(tmp_path: Path) -> None:
+    src = build_model(ModelConfig(backbone="mobilenet_v2"), NUM_CLASSES)
+    path = tmp_path / "seg.pth"
+    torch.save({"model": src.state_dict()}, path)
+    dst = build_model(ModelConfig(backbone="mobilenet_v2", pretrained=str(path)), NUM_CLASSES)
+    assert torch.equal(dst.backbone.features[5].conv[0][0].weight, src.backbone.features[5].conv[0][0].weight)
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match="nope.pth does not exist"):
+        build_model(ModelConfig(pretrained=str(missing)), NUM_CLASSES)
+
+
+def test_unreadable_file_names_it(tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="garbage.pth"):
+        build_backbone("resnet18", pretrained=str(bad))
+
+
+def test_unrelated_weights_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save(tvm.mobilenet_v2(weights=None).state_dict(), path)
+    with pytest.raises(UserError, match=r"other\.pth match only 0 of"):
+        build_backbone("resnet18", pretrained=str(path))
+
+
+@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason="shared MobileNetV2 weights not present")
+@pytest.mark.parametrize("os_", [8, 16])
+def test_shared_mobilenet_weights_load_fully(os_: int) -> None:
+    bb = build_backbone("mobilenet_v2", os_, pretrained=str(SHARED_MOBILENET))
+    sd = torch.load(SHARED_MOBILENET, map_location="cpu", weights_only=True)
+    assert bb.pretrained_report == (len(sd), len(bb.state_dict()))
+    assert all(torch.equal(v, sd[k]) for k, v in bb.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+
+def test_discriminator_architecture() -> None:
+    d = FCDiscriminator(NUM_CLASSES, ndf=8)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 16), (16, 32), (32, 64), (64, 1)]
+    assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) and c.padding == (1, 1) for c in convs)
+    acts = [m for m in d.modules() if isinstance(m, nn.LeakyReLU)]
+    assert len(acts) == 4 and all(a.negative_slope == 0.2 for a in acts)
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in d.modules())
+    # The last conv is the output: no activation after it.
+    assert isinstance(list(d.net)[-1], nn.Conv2d)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (65, 90)])
+def test_discriminator_output_shape(size: tuple[int, int]) -> None:
+    d = FCDiscriminator(NUM_CLASSES)
+    prob = torch.softmax(torch.randn(2, NUM_CLASSES, *size), dim=1)
+    out = d(prob)
+    assert out.shape == (2, 1, *size)
+    out.mean().backward()
+    assert all(p.grad is not None for p in d.parameters())
+
+
+# ----------------------------------------------------------------------------- DeepLab-v2
+
+
+def test_deeplabv2_two_branches_is_a_prefix_of_four() -> None:
+    torch.manual_seed(0)
+    four = build_model(ModelConfig(arch="deeplabv2", backbone="resnet18", v2_branches=4), NUM_CLASSES).eval()
+    two = build_model(ModelConfig(arch="deeplabv2", backbone="resnet18", v2_branches=2), NUM_CLASSES).eval()
+    assert isinstance(four, DeepLabV2) and isinstance(two, DeepLabV2)
+    assert [c.dilation[0] for c in four.classifier] == [6, 12, 18, 24]
+    assert [c.dilation[0] for c in two.classifier] == [6, 12]
+    result = two.load_state_dict(four.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert sorted(result.unexpected_keys) == [f"classifier.{i}.{p}" for i in (2, 3) for p in ("bias", "weight")]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        o4, o2 = four(x), two(x)
+        extra = four.classifier[2](o4["feat"]) + four.classifier[3](o4["feat"])
+        extra = nn.functional.interpolate(extra, size=(64, 64), mode="bilinear", align_corners=False)
+    assert not torch.allclose(o4["logits"], o2["logits"])
+    assert torch.allclose(o4["logits"], o2["logits"] + extra, atol=1e-5)
