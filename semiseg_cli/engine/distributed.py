@@ -105,3 +105,15 @@ def average_gradients(params) -> None:  # type: ignore[no-untyped-def]
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BN running statistics) equal to rank `src`'s.
+
+    Without SyncBN (CPU/gloo) each rank's running statistics drift apart after its last forward;
+    evaluation and checkpoints use rank 0's.
+    """
+    if not is_dist():
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src)

@@ -43,6 +43,7 @@ class TrainResult:
     step: int
     best_miou: float
     last_metrics: dict[str, Any] | None
+    method: Any = None  # the trained method, unwrapped (for scripts and tests)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,18 +219,18 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     method.setup(ctx)
     specs = method.configure_optimizers(total)
 
-    start, best = 0, -1.0
+    start, best, resume_rng = 0, -1.0, None
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         method.load_state_dict(ckpt["method_state"])
         for spec, st in zip(specs, ckpt["optimizers"]):
             spec.optimizer.load_state_dict(st)
         start, best = int(ckpt["step"]), float(ckpt["best_miou"])
-        set_rng_state(ckpt["rng"])
+        resume_rng = ckpt["rng"]
         if start >= total:
             console.print(f"[yellow]{run_dir} already finished {start} of {total} iterations; nothing to do")
     if distributed.is_dist():
-        if cfg.model.sync_bn:
+        if cfg.model.sync_bn and device.type == "cuda":  # SyncBN needs CUDA; CPU ranks share rank 0's stats
             method.model = nn.SyncBatchNorm.convert_sync_batchnorm(method.model)
         ids = [device.index] if device.type == "cuda" else None
         method.model = nn.parallel.DistributedDataParallel(method.model, device_ids=ids)
@@ -249,6 +250,7 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
 
     def validate(step: int) -> dict[str, Any]:
         nonlocal best
+        distributed.broadcast_buffers(method)
         with unwrapped(method):
             m = evaluate(method.inference_model(), val_batches, num_classes, settings, device, cfg.data.ignore_index, amp)
         rec = {"step": step, "val_mIoU": m.miou, "val_aAcc": m.aacc, "val_mAcc": m.macc}
@@ -268,6 +270,8 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     bar = _progress(console, enabled=progress and main)
     task = bar.add_task("train", total=total, completed=start, info="")
     method.train()
+    if resume_rng is not None:  # last, so that building loaders above draws nothing from it
+        set_rng_state(resume_rng)
     with bar:
         for step in range(start, total):
             for spec in specs:
@@ -309,12 +313,15 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
             val_due = cfg.train.val_interval and done % cfg.train.val_interval == 0
             if val_due or done == total:
                 last_metrics = validate(done)
+            if done % cfg.train.ckpt_interval == 0 or done == total:
+                distributed.broadcast_buffers(method)
             if main and (done % cfg.train.ckpt_interval == 0 or done == total):
                 save_checkpoint(run_dir / "last.pt", checkpoint_payload(method, specs, done, best, cfg))
             if done % cfg.train.ckpt_interval == 0:
                 distributed.barrier()
     distributed.barrier()
-    return TrainResult(run_dir, max(start, total), best, last_metrics)
+    method.model = distributed.unwrap(method.model)
+    return TrainResult(run_dir, max(start, total), best, last_metrics, method)
 
 
 def _diverged(run_dir: Path, step: int, losses: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,40 @@
+# semiseg — two commands on a fresh machine:
+#   make demo   install, generate the demo data, train supervised and U2PL at 1/8 labels, compare
+#   make test   install, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.semiseg-installed
+# torch/torchvision pinned to what this machine serves; pyproject.toml declares the ranges.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+DEMO_ITERS ?=
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[export,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m semiseg_cli demo-data --out demo_data
+	$(PY) -m semiseg_cli prepare-splits --dataset demo --root demo_data --labeled 1/8 --seed 0 --out splits/demo --overwrite
+	$(PY) -m semiseg_cli train --preset supervised_r18-os16_1x8-800it_demo-96 \
+	    --labeled-list splits/demo/labeled.txt --out runs/demo-supervised --overwrite
+	$(PY) -m semiseg_cli train --preset u2pl_r18-os16_1x8+8-800it_demo-96 \
+	    --labeled-list splits/demo/labeled.txt --unlabeled-list splits/demo/unlabeled.txt --out runs/demo-u2pl --overwrite
+	$(PY) -m semiseg_cli eval -c runs/demo-supervised/best.pt --json runs/demo-supervised/eval.json --overwrite
+	$(PY) -m semiseg_cli eval -c runs/demo-u2pl/best.pt --json runs/demo-u2pl/eval.json --overwrite
+	$(PY) bench/compare_runs.py runs/demo-supervised/eval.json runs/demo-u2pl/eval.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-600it_camvid-224x288 --device cpu
+
+clean:
+	rm -rf runs splits demo_data .pytest_cache

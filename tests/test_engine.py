@@ -1,0 +1,131 @@
+"""The training loop: checkpoints, exact resume, NaN stop, run-folder rules, torchrun on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from semiseg_cli.engine.checkpoint import load_checkpoint, load_for_inference
+from semiseg_cli.engine.loop import TrainingDiverged, train
+from semiseg_cli.errors import UserError
+from semiseg_cli.methods.supervised import Supervised
+from tests.method_harness import make_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(demo_root: Path, out: Path, *extra: str):
+    return make_cfg("supervised", root=str(demo_root), out=str(out), overrides=['data.labeled="1/2"', *extra])
+
+
+def test_train_writes_run_folder_and_checkpoint_round_trips(demo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = train(_cfg(demo_root, out), progress=False)
+    assert res.step == 4
+    for name in ("config.toml", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert any("val_mIoU" in r for r in records)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 4 and ckpt["class_names"] and ckpt["config"]["method"] == "supervised"
+    model, cfg, _ = load_for_inference(out / "last.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["inference_state"][k]), k
+    assert cfg.train.iters == 4
+
+
+def test_resume_continues_exactly_where_it_stopped(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = train(_cfg(demo_root, tmp_path / "full"), progress=False)
+    assert full.step == 4
+
+    original = Supervised.training_step
+
+    def killed_at_3(self, labeled, unlabeled, step):  # type: ignore[no-untyped-def]
+        if step == 2:
+            raise KeyboardInterrupt  # stands in for a kill right after the step-2 checkpoint
+        return original(self, labeled, unlabeled, step)
+
+    monkeypatch.setattr(Supervised, "training_step", killed_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(demo_root, tmp_path / "cut"), progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 2
+    monkeypatch.setattr(Supervised, "training_step", original)
+    train(_cfg(demo_root, tmp_path / "cut"), resume=True, progress=False)
+
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["method_state"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["method_state"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(4) >= 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Supervised.training_step
+
+    def nan_at_3(self, labeled, unlabeled, step):  # type: ignore[no-untyped-def]
+        losses = original(self, labeled, unlabeled, step)
+        if step == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(Supervised, "training_step", nan_at_3)
+    with pytest.raises(TrainingDiverged, match="non-finite at step 3"):
+        train(_cfg(demo_root, tmp_path / "nan"), progress=False)
+    ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["method_state"].values())
+
+
+def test_run_folder_is_never_overwritten_silently(demo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(_cfg(demo_root, out), progress=False)
+    with pytest.raises(UserError, match="not empty"):
+        train(_cfg(demo_root, out), progress=False)
+    with pytest.raises(UserError, match="contradict"):
+        train(_cfg(demo_root, out), resume=True, overwrite=True, progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(_cfg(demo_root, tmp_path / "fresh"), resume=True, progress=False)
+    train(_cfg(demo_root, out), overwrite=True, progress=False)
+
+
+def test_methods_that_need_unlabeled_data_refuse_a_fully_labeled_split(demo_root: Path, tmp_path: Path) -> None:
+    cfg = make_cfg("u2pl", root=str(demo_root), out=str(tmp_path / "u"))
+    with pytest.raises(UserError, match="needs unlabeled images"):
+        train(cfg, progress=False)
+
+
+def test_torchrun_two_cpu_processes_end_with_identical_weights(demo_root: Path, tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from semiseg_cli.engine import distributed\n"
+        "from semiseg_cli.engine.loop import train\n"
+        "from tests.method_harness import make_cfg\n"
+        f"cfg = make_cfg('supervised', root={str(demo_root)!r}, out={str(tmp_path / 'ddp')!r},"
+        " overrides=['data.labeled=\"1/2\"', 'train.iters=3'])\n"
+        "res = train(cfg, progress=False)\n"
+        f"torch.save(res.method.state_dict(), {str(tmp_path)!r} + f'/rank{{distributed.rank()}}.pt')\n"
+        "distributed.cleanup()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt")
+    b = torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The checkpoint is written once, by rank 0, without DDP prefixes.
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert not any(k.startswith("module.") or ".module." in k for k in ckpt["inference_state"])
