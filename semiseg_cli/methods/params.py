@@ -55,20 +55,31 @@ class U2PLParams(_Params):
 
 
 class AdvSemiSegParams(_Params):
-    """AdvSemiSeg (BMVC 2018)."""
+    """AdvSemiSeg (BMVC 2018). Paper values unless a field says otherwise.
 
-    lambda_adv: float = 0.01  # paper/README recipe 0.01, code default 0.1
-    lambda_semi_adv: float = 0.001
-    lambda_semi: float = 0.1
-    semi_start: int = Field(5000, ge=0)  # self-training starts here
-    semi_start_adv: int = Field(0, ge=0)  # unlabeled adversarial term starts here
-    t_semi: float = Field(0.2, ge=0, le=1)
-    d_lr: float = Field(1e-4, gt=0)
+    The discriminator sees softmax maps (fake) and one-hot ground truth (real); its confidence
+    map gates self-training on unlabeled pixels. See docs/methods_advsemiseg.md.
+    """
+
+    lambda_adv: float = Field(0.01, ge=0)  # labeled adversarial weight: paper/README 0.01, code default 0.1
+    lambda_semi_adv: float = Field(0.001, ge=0)  # unlabeled adversarial weight
+    lambda_semi: float = Field(0.1, ge=0)  # confidence-masked self-training weight
+    semi_start: int = Field(5000, ge=0)  # self-training starts at this step (VOC recipe of 20k)
+    semi_start_adv: int = Field(0, ge=0)  # unlabeled adversarial term starts here (code default 0)
+    t_semi: float = Field(0.2, ge=0, le=1)  # keep pixels with sigmoid(D) >= t_semi; 0.1 in some recipes
+    # Train D on the unlabeled predictions too (fake, never ignored), as the official code does
+    # (`--D-remain`, default on); false: fake maps from labeled predictions only.
+    d_remain: bool = True
+    d_lr: float = Field(1e-4, gt=0)  # Adam, poly decay with optim.poly_power
     d_betas: tuple[float, float] = (0.9, 0.99)
-    d_channels: int = Field(64, ge=1)
-    d_update_every: int = Field(1, ge=1)  # D/G update ratio guard rail: step D every k steps
+    d_channels: int = Field(64, ge=1)  # first conv width (ndf); then x2, x4, x8
+    # Guard rails against the known GAN instability: step D (or G) only every k-th step. On
+    # off-steps that network's loss terms are weighted 0 and its optimizer does not step.
+    d_update_every: int = Field(1, ge=1)
     g_update_every: int = Field(1, ge=1)
-    warn_window: int = Field(200, ge=1)  # warn if D accuracy sits at 100% or 50% this long
+    # Warn (once) when D's pixel accuracy stays >= 99% (G's adversarial signal is saturated) or
+    # within 2 points of 50% (D's confidence map is noise) for this many consecutive steps.
+    warn_window: int = Field(200, ge=1)
 
 
 class DuPLParams(_Params):

@@ -1,0 +1,354 @@
+"""AdvSemiSeg (Hung et al., BMVC 2018): a fully convolutional discriminator for semi-supervised
+segmentation.
+
+The discriminator D looks at a C-channel class-probability map and says, per pixel, whether it
+came from the ground truth (one-hot, "real") or from the segmentation network (softmax, "fake").
+The segmentation network G gets three signals besides cross-entropy:
+
+- labeled:   lambda_adv      * BCE(D(softmax(pred_l)), real)   on non-ignore pixels
+- unlabeled: lambda_semi_adv * BCE(D(softmax(pred_u)), real)   (from `semi_start_adv`)
+- unlabeled: lambda_semi     * CE(pred_u, argmax pred_u) on pixels where sigmoid(D) >= T_semi
+  (from `semi_start`): D's confidence map picks the pixels worth self-training on.
+
+D is trained on detached predictions (fake, 0) and one-hot labels (real, 1), each term halved.
+
+One backward per step. The G adversarial terms are computed with D's parameters temporarily
+frozen (`requires_grad_(False)`), so they only send gradients into G; the D loss is computed on
+detached inputs, so it only sends gradients into D. The sum goes back as `"loss"`; the loop steps
+G's SGD and D's Adam ("disc") from the same backward. This is the official code's order of
+updates (G's terms use D before its update) folded into one pass.
+
+What can go wrong: D separates one-hot maps from softmax maps almost perfectly early on
+(accuracy ~100%), and the confidence map then marks almost nothing as trustworthy; or D collapses
+to chance (~50%) and the T_semi mask is noise. Both are logged (`d_acc_real`, `d_acc_fake`,
+`semi_ratio`) and warned about once; `d_update_every` / `g_update_every` slow one side down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg_cli.engine import distributed
+from semiseg_cli.errors import UserError
+from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer, poly_lambda, supervised_loss
+
+# The discriminator has five 4x4 stride-2 convs: each side shrinks by 32; smaller inputs give an
+# empty map.
+_D_MIN_SIDE = 32
+
+
+# ----------------------------------------------------------------------------- pure losses
+
+
+def masked_bce_with_logits(logits: torch.Tensor, target: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE-with-logits of a (B,1,H,W) or (B,H,W) map against a constant label, over `valid`.
+
+    As the official `BCEWithLogitsLoss2d`: ignored pixels are dropped from both the sum and the
+    count, not given a target. With no valid pixel the result is a graph-connected zero (so a
+    backward still works and puts zeros, not None, into the gradients).
+    """
+    logits = logits.float().reshape(logits.shape[0], -1)
+    pixel = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target)), reduction="none")
+    if valid is None:
+        return pixel.mean()
+    w = valid.reshape(valid.shape[0], -1).to(pixel.dtype)
+    n = w.sum()
+    return (pixel * w).sum() / n.clamp(min=1.0)
+
+
+def one_hot_labels(mask: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """(B,H,W) labels -> (B,C,H,W) plain 0/1 maps; ignore pixels are all zeros.
+
+    All-zero is just what the one-hot of "no class" looks like; it is NOT how ignore pixels are
+    kept out of D's loss (that is the per-pixel mask of `discriminator_loss`). Labels outside
+    [0, C) other than `ignore_index` raise a UserError, since they would silently become all-zero too.
+    """
+    valid = mask != ignore_index
+    if bool(((mask[valid] < 0) | (mask[valid] >= num_classes)).any()):
+        bad = mask[valid & ((mask < 0) | (mask >= num_classes))][0].item()
+        raise UserError(
+            f"mask label {bad} is outside [0, {num_classes}) and is not the ignore index {ignore_index}; "
+            "check the dataset's class list or data.ignore_index"
+        )
+    safe = torch.where(valid, mask, torch.zeros_like(mask))
+    onehot = F.one_hot(safe.long(), num_classes).permute(0, 3, 1, 2).float()
+    return onehot * valid.unsqueeze(1).float()
+
+
+def adversarial_loss(d_logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """G's adversarial term: make D call the prediction real (label 1) on `valid` pixels."""
+    return masked_bce_with_logits(d_logits, 1.0, valid)
+
+
+def discriminator_loss(
+    d_fake: torch.Tensor,
+    d_real: torch.Tensor,
+    valid_fake: torch.Tensor | None = None,
+    valid_real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D's loss: 0.5 * BCE(D(fake), 0) + 0.5 * BCE(D(real), 1), each a masked per-pixel mean.
+
+    `d_fake` must come from detached predictions, or this loss trains G to look fake.
+    """
+    return 0.5 * masked_bce_with_logits(d_fake, 0.0, valid_fake) + 0.5 * masked_bce_with_logits(d_real, 1.0, valid_real)
+
+
+def semi_pseudo_labels(
+    logits_u: torch.Tensor, d_logits_u: torch.Tensor, t_semi: float, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-training targets: argmax of the prediction where sigmoid(D) >= t_semi, else ignore.
+
+    Returns (target (B,H,W) long, kept (B,H,W) bool). No gradient flows through either.
+    """
+    with torch.no_grad():
+        conf = torch.sigmoid(d_logits_u.float()).reshape(logits_u.shape[0], *logits_u.shape[2:])
+        kept = conf >= t_semi
+        target = logits_u.argmax(1)
+        target = torch.where(kept, target, torch.full_like(target, ignore_index))
+    return target, kept
+
+
+def semi_loss(logits_u: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Self-training CE, averaged over the kept pixels only (the official normalisation).
+
+    With nothing kept it is a graph-connected zero; the official code then skips the whole
+    unlabeled backward (dropping the unlabeled adversarial term too), which is not copied here.
+    """
+    if not bool((target != ignore_index).any()):
+        return logits_u.float().sum() * 0.0
+    return F.cross_entropy(logits_u.float(), target, ignore_index=ignore_index)
+
+
+def discriminator_accuracy(
+    d_fake: torch.Tensor,
+    d_real: torch.Tensor,
+    valid_fake: torch.Tensor | None = None,
+    valid_real: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accuracy on real, accuracy on fake): fractions of valid pixels with sigmoid > 0.5 on real
+    maps and < 0.5 on fake maps (logit > 0 and < 0). NaN where no pixel is valid."""
+
+    def frac(hit: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        hit = hit.reshape(hit.shape[0], -1).float()
+        if valid is None:
+            return hit.mean()
+        w = valid.reshape(valid.shape[0], -1).float()
+        n = w.sum()
+        return (hit * w).sum() / n if n > 0 else torch.tensor(float("nan"), device=hit.device)
+
+    with torch.no_grad():
+        return frac(d_real.float() > 0, valid_real), frac(d_fake.float() < 0, valid_fake)
+
+
+# ----------------------------------------------------------------------------- warnings
+
+
+@dataclass
+class DAccuracyMonitor:
+    """Watches D's accuracy for the two known failure modes and reports each once.
+
+    `update(acc)` returns a message the step a streak reaches `window` consecutive values at or
+    above `high` (D wins outright: it tells one-hot from softmax, its confidence map marks
+    nothing trustworthy) or within `chance_tol` of 0.5 (D guesses: the T_semi mask is noise);
+    otherwise None. Each kind is reported at most once per run; a non-finite value breaks both
+    streaks. Plain Python state: a resumed run starts counting again.
+    """
+
+    window: int
+    high: float = 0.99
+    chance_tol: float = 0.02
+    streak_high: int = 0
+    streak_chance: int = 0
+    warned: set[str] = field(default_factory=set)
+
+    def update(self, acc: float) -> str | None:
+        finite = acc == acc and abs(acc) != float("inf")
+        self.streak_high = self.streak_high + 1 if finite and acc >= self.high - 1e-9 else 0
+        self.streak_chance = self.streak_chance + 1 if finite and abs(acc - 0.5) <= self.chance_tol + 1e-9 else 0
+        if self.streak_high >= self.window and "high" not in self.warned:
+            self.warned.add("high")
+            return (
+                f"AdvSemiSeg: the discriminator's accuracy has been >= {self.high:.0%} for {self.window} steps; "
+                "it separates predictions from ground truth outright, so few unlabeled pixels pass t_semi. "
+                "Try advsemiseg.d_update_every=2 or more, a lower advsemiseg.d_lr, or a larger lambda_adv."
+            )
+        if self.streak_chance >= self.window and "chance" not in self.warned:
+            self.warned.add("chance")
+            return (
+                f"AdvSemiSeg: the discriminator's accuracy has stayed within {self.chance_tol:.0%} of 50% for "
+                f"{self.window} steps; its confidence map is noise and the t_semi mask is random. "
+                "Try advsemiseg.g_update_every=2 or more, a higher advsemiseg.d_lr, or a smaller lambda_adv."
+            )
+        return None
+
+
+# ----------------------------------------------------------------------------- method
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop a module's parameters from requiring grad (restoring each flag after).
+
+    A graph built inside still propagates gradients through the module to its inputs; only the
+    module's own parameters get none. Flags are restored even if the body raises.
+    """
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+class AdvSemiSeg(Method):
+    name = "advsemiseg"
+    uses_unlabeled = True
+
+    def __init__(self, cfg: Any, num_classes: int, class_names: list[str]) -> None:
+        super().__init__(cfg, num_classes, class_names)
+        from semiseg_cli.models.discriminator import FCDiscriminator
+
+        p = cfg.advsemiseg
+        self.discriminator = FCDiscriminator(num_classes, p.d_channels)
+        self.monitor = DAccuracyMonitor(p.warn_window)
+
+    @classmethod
+    def check_config(cls, cfg: Any, num_classes: int) -> None:
+        h, w = cfg.data.crop_size
+        if min(h, w) < _D_MIN_SIDE:
+            raise UserError(
+                f"data.crop_size {h}x{w} is too small for the AdvSemiSeg discriminator (five stride-2 convs); "
+                f"use crops of at least {_D_MIN_SIDE}x{_D_MIN_SIDE}"
+            )
+        if num_classes < 2:
+            raise UserError(f"AdvSemiSeg needs at least 2 classes, the dataset has {num_classes}")
+
+    def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
+        p = self.cfg.advsemiseg
+        g = build_optimizer(self.model, self.cfg.optim, total_iters)
+        g.every = p.g_update_every
+        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p.d_lr, betas=p.d_betas)
+        d = OptimizerSpec(d_opt, poly_lambda(total_iters, self.cfg.optim.poly_power), every=p.d_update_every, name="disc")
+        return [g, d]
+
+    def _d_map(self, probs: torch.Tensor) -> torch.Tensor:
+        """D's (B,1,H,W) logits at the probability map's size (bilinear, as the paper)."""
+        out = self.discriminator(probs)
+        if out.shape[-2:] != probs.shape[-2:]:
+            out = F.interpolate(out, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+        return out.float()
+
+    def training_step(
+        self, labeled: dict[str, Any], unlabeled: dict[str, Any] | None, step: int
+    ) -> dict[str, torch.Tensor]:
+        p = self.cfg.advsemiseg
+        t = self.cfg.train
+        ignore = self.cfg.data.ignore_index
+        x_l, y_l = labeled["image"], labeled["mask"]
+        bl = x_l.shape[0]
+        x = x_l
+        if unlabeled is not None:
+            if unlabeled["image"].shape[1:] != x_l.shape[1:]:
+                raise ValueError(
+                    f"labeled crops {tuple(x_l.shape[2:])} and unlabeled crops {tuple(unlabeled['image'].shape[2:])} "
+                    "differ; AdvSemiSeg runs both through one forward"
+                )
+            x = torch.cat([x_l, unlabeled["image"]])
+        # One student forward on all images (DDP needs a single forward per backward).
+        out = self.model(x)
+        logits = out["logits"].float()
+        pred_l, pred_u = logits[:bl], logits[bl:]
+        probs = torch.softmax(logits, 1)
+        valid_l = y_l != ignore
+        g_w = 1.0 if step % p.g_update_every == 0 else 0.0
+        d_w = 1.0 if step % p.d_update_every == 0 else 0.0
+        has_u = pred_u.shape[0] > 0
+
+        # ---- G: supervised CE (+ aux) and adversarial terms, D frozen.
+        loss_ce = supervised_loss(pred_l, y_l, ignore, t.loss, t.ohem_thresh, t.ohem_min_kept)
+        g_total = loss_ce
+        logs: dict[str, torch.Tensor] = {}
+        if "aux" in out:
+            loss_aux = supervised_loss(out["aux"][:bl].float(), y_l, ignore, t.loss, t.ohem_thresh, t.ohem_min_kept)
+            g_total = g_total + t.aux_weight * loss_aux
+            logs["loss_aux"] = loss_aux.detach()
+        with frozen(self.discriminator):
+            d_g = self._d_map(probs)
+        loss_adv = adversarial_loss(d_g[:bl], valid_l)
+        g_total = g_total + p.lambda_adv * loss_adv
+        zero = logits.sum() * 0.0
+        loss_semi_adv, loss_semi = zero, zero
+        if has_u:
+            d_u = d_g[bl:]
+            if step >= p.semi_start_adv:
+                loss_semi_adv = adversarial_loss(d_u)
+                g_total = g_total + p.lambda_semi_adv * loss_semi_adv
+            target_u, kept = semi_pseudo_labels(pred_u, d_u, p.t_semi, ignore)
+            if step >= p.semi_start:
+                loss_semi = semi_loss(pred_u, target_u, ignore)
+                g_total = g_total + p.lambda_semi * loss_semi
+            logs["semi_ratio"] = kept.float().mean()
+            logs.update(_pseudo_label_accuracy(unlabeled, pred_u, kept, ignore))
+
+        # ---- D: fake = detached predictions, real = one-hot labels; one D forward on both.
+        fake = probs.detach() if (p.d_remain and has_u) else probs[:bl].detach()
+        # Unlabeled fakes have no ignore pixels (official `ignore_mask_remain` is all false).
+        valid_fake = torch.cat([valid_l, valid_l.new_ones((fake.shape[0] - bl, *valid_l.shape[1:]))])
+        real = one_hot_labels(y_l, self.num_classes, ignore).to(fake.dtype)
+        d_out = self._d_map(torch.cat([fake, real]))
+        d_fake, d_real = d_out[: fake.shape[0]], d_out[fake.shape[0] :]
+        loss_d = discriminator_loss(d_fake, d_real, valid_fake, valid_l)
+        acc_real, acc_fake = discriminator_accuracy(d_fake, d_real, valid_fake, valid_l)
+        self._watch((acc_real + acc_fake) / 2)
+
+        logs.update(
+            loss=g_w * g_total + d_w * loss_d,
+            loss_ce=loss_ce.detach(),
+            loss_adv=loss_adv.detach(),
+            loss_semi_adv=loss_semi_adv.detach(),
+            loss_semi=loss_semi.detach(),
+            loss_d=loss_d.detach(),
+            d_acc_real=acc_real,
+            d_acc_fake=acc_fake,
+        )
+        return logs
+
+    def _watch(self, acc: torch.Tensor) -> None:
+        if not distributed.is_main():
+            return
+        msg = self.monitor.update(float(acc))
+        if msg:
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _pseudo_label_accuracy(
+    unlabeled: dict[str, Any] | None, pred_u: torch.Tensor, kept: torch.Tensor, ignore_index: int
+) -> dict[str, torch.Tensor]:
+    """Accuracy of argmax pseudo-labels on unlabeled images that have ground truth: over kept
+    pixels (`semi_acc`, what self-training learns from) and all pixels (`pl_acc_all`); the gap
+    says whether D's confidence map picks the right pixels. Empty without ground truth."""
+    if unlabeled is None or "has_mask" not in unlabeled:
+        return {}
+    has = unlabeled["has_mask"].to(pred_u.device).bool()
+    if not bool(has.any()):
+        return {}
+    with torch.no_grad():
+        y = unlabeled["mask"].to(pred_u.device)
+        valid = (y != ignore_index) & has.view(-1, 1, 1)
+        correct = pred_u.argmax(1) == y
+        logs: dict[str, torch.Tensor] = {}
+        if bool(valid.any()):
+            logs["pl_acc_all"] = correct[valid].float().mean()
+        if bool((valid & kept).any()):
+            logs["semi_acc"] = correct[valid & kept].float().mean()
+    return logs
