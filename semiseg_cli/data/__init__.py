@@ -1,0 +1,51 @@
+"""Datasets, splits, paired transforms and the synthetic demo set."""
+
+from semiseg_cli.data.datasets import (
+    IGNORE,
+    CamVidLayout,
+    CityscapesLayout,
+    FolderLayout,
+    Layout,
+    SegDataset,
+    VocLayout,
+    build_dataset,
+    derive_tags,
+    get_layout,
+    load_tags,
+)
+from semiseg_cli.data.demo import generate_demo
+from semiseg_cli.data.splits import (
+    DatasetProblems,
+    amount_dirname,
+    draw_split,
+    parse_amounts,
+    prepare_splits,
+    read_split_file,
+    write_split_files,
+)
+from semiseg_cli.data.transforms import EvalTransform, TrainTransform, denormalize
+
+__all__ = [
+    "IGNORE",
+    "CamVidLayout",
+    "CityscapesLayout",
+    "DatasetProblems",
+    "EvalTransform",
+    "FolderLayout",
+    "Layout",
+    "SegDataset",
+    "TrainTransform",
+    "VocLayout",
+    "amount_dirname",
+    "build_dataset",
+    "denormalize",
+    "derive_tags",
+    "draw_split",
+    "generate_demo",
+    "get_layout",
+    "load_tags",
+    "parse_amounts",
+    "prepare_splits",
+    "read_split_file",
+    "write_split_files",
+]

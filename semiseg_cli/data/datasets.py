@@ -1,0 +1,581 @@
+"""Dataset layouts (VOC, Cityscapes, CamVid, plain folders) and the torch Dataset over them.
+
+A `Layout` knows where one dataset keeps its images and masks, how to list the pairs of a split
+and how to turn a stored mask into class ids 0..C-1 with 255 for pixels to ignore. Everything
+downstream (splits, transforms, loaders) only sees root-relative paths and uint8 masks, so a new
+dataset is one more `Layout` subclass.
+
+Masks are checked as they are read: a stored value the dataset does not define raises a
+`UserError` naming the file, because letting it through ends in an opaque CUDA assert inside
+the loss many minutes into a run. `Layout.validate` finds all such problems up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from semiseg_cli.errors import UserError
+
+IGNORE = 255
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+Pair = tuple[str, "str | None"]
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+]
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+]
+CITYSCAPES_PALETTE = [
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+]
+# labelIds of the 19 evaluated classes, in train-id order; every other labelId is ignored.
+CITYSCAPES_EVAL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+CAMVID_CLASSES = [
+    "Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+    "Pedestrian", "Bicyclist",
+]
+CAMVID_PALETTE = [
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+]
+
+
+def index_palette(n: int) -> list[tuple[int, int, int]]:
+    """The VOC colour scheme for `n` classes: the bits of each class id spread over R, G and B,
+    most significant first, so neighbouring ids get clearly different colours."""
+    colours = []
+    for cid in range(n):
+        rgb = [0, 0, 0]
+        for shift in range(8):
+            for ch in range(3):
+                bit = (cid >> (3 * shift + ch)) & 1
+                rgb[ch] |= bit << (7 - shift)
+        colours.append((rgb[0], rgb[1], rgb[2]))
+    return colours
+
+
+class _Unreadable(Exception):
+    """A file that is missing or cannot be decoded; the reason becomes part of a message."""
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header, plus PIL's cheap integrity check (PNG chunk CRCs)."""
+    if not path.is_file():
+        raise _Unreadable("file does not exist")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+        return size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _Unreadable(str(e) or type(e).__name__) from None
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    """The stored values of a mask as a 2-D integer array (palette index, grey value or 16-bit).
+
+    Colour-coded RGB masks are refused: mapping colours to classes is ambiguous (JPEG-like
+    artefacts, anti-aliased edges) and belongs in a conversion step, not in the reader.
+    """
+    if not path.is_file():
+        raise _Unreadable("file does not exist")
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _Unreadable(str(e) or type(e).__name__) from None
+    if arr.ndim == 3:
+        if not (arr[..., :3] == arr[..., :1]).all():
+            raise _Unreadable("it is a colour image; store class ids as a palette or greyscale PNG")
+        arr = arr[..., 0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def _present_values(arr: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a bincount for uint8 since it avoids np.unique's sort."""
+    if arr.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+    return np.unique(arr).astype(np.int64)
+
+
+def _thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """Map in threads: PIL decoding releases the GIL, so big pools validate several times faster."""
+    if len(items) < 32:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        return list(ex.map(fn, items, chunksize=16))
+
+
+class Layout:
+    """Where a dataset keeps its files and how its masks map to class ids.
+
+    Subclasses set `name`, `expected` (a one-line description of the folder layout used in
+    errors) and implement `list_pairs`; datasets whose stored mask values are not already class
+    ids override `label_tables`.
+    """
+
+    name = "base"
+    expected = ""
+    # Class ids left out of image-level tags (VOC: background is in every image, so not a tag).
+    tag_exclude: tuple[int, ...] = ()
+
+    def __init__(self, root: str | Path, class_names: list[str], palette: list[tuple[int, int, int]]) -> None:
+        self.root = Path(root)
+        self.class_names = list(class_names)
+        self.palette = [tuple(int(c) for c in p) for p in palette]
+        if len(self.palette) != len(self.class_names):
+            raise ValueError(f"{len(self.palette)} palette colours for {len(self.class_names)} classes")
+        self._lut, self._allowed, self.allowed_text = self.label_tables()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def label_tables(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """(stored value -> class id, which stored values are legal, how to say the legal ones).
+
+        The default: stored values are class ids 0..C-1, and 255 is ignore.
+        """
+        n = self.num_classes
+        lut = np.full(256, IGNORE, np.uint8)
+        lut[:n] = np.arange(n)
+        allowed = np.zeros(256, bool)
+        allowed[:n] = True
+        allowed[IGNORE] = True
+        return lut, allowed, f"0..{n - 1} and {IGNORE}"
+
+    def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _fail(self, what: str) -> UserError:
+        return UserError(f"{what}; expected the {self.name} layout: {self.expected}")
+
+    def _check_root(self, *required: str) -> None:
+        if not self.root.is_dir():
+            raise self._fail(f"dataset root {self.root} is not a folder")
+        for sub in required:
+            if not (self.root / sub).is_dir():
+                raise self._fail(f"{self.root / sub} does not exist")
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # ----------------------------------------------------------------------------- reading
+
+    def read_image(self, rel: str) -> Image.Image:
+        """The image as RGB. EXIF orientation is deliberately not applied: masks carry none."""
+        path = self.root / rel
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist; check the dataset root and split file")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
+
+    def read_mask(self, rel: str) -> np.ndarray:
+        """Class ids (uint8 HxW, 255 = ignore) after this dataset's label mapping."""
+        path = self.root / rel
+        try:
+            arr = _load_mask(path)
+        except _Unreadable as e:
+            raise UserError(f"cannot read mask {path}: {e}") from None
+        bad = self._bad_values(_present_values(arr))
+        if bad:
+            raise UserError(
+                f"mask {path} has label values {bad} outside {self.allowed_text}; "
+                "run `semiseg prepare-splits` to list every bad file"
+            )
+        return self._lut[arr.astype(np.uint8, copy=False)]
+
+    def _bad_values(self, present: np.ndarray) -> list[int]:
+        return [int(v) for v in present if v < 0 or v > 255 or not self._allowed[v]]
+
+    # ----------------------------------------------------------------------------- checking
+
+    def scan(self, pairs: Sequence[Pair], require_masks: bool = True) -> tuple[list[str], dict[str, list[int]]]:
+        """(problems, class ids present per image) in one pass over the files.
+
+        Problem lines start with the root-relative file name; images whose mask has a problem
+        get no entry in the class-id dict.
+        """
+        results = _thread_map(lambda p: self._check_pair(p, require_masks), list(pairs))
+        problems: list[str] = []
+        present: dict[str, list[int]] = {}
+        for (img, _), (probs, ids) in zip(pairs, results):
+            problems.extend(probs)
+            if ids is not None:
+                present[img] = ids
+        return problems, present
+
+    def validate(self, pairs: Sequence[Pair], require_masks: bool = True) -> list[str]:
+        """Every problem in `pairs`, one line each naming the file; empty when all is well."""
+        return self.scan(pairs, require_masks)[0]
+
+    def _check_pair(self, pair: Pair, require_masks: bool) -> tuple[list[str], list[int] | None]:
+        img, mask = pair
+        problems: list[str] = []
+        size = None
+        try:
+            size = _image_size(self.root / img)
+        except _Unreadable as e:
+            problems.append(f"{img}: unreadable image ({e})")
+        if mask is None:
+            if require_masks:
+                problems.append(f"{img}: no mask for this image")
+            return problems, None
+        if not (self.root / mask).is_file():
+            problems.append(f"{mask}: missing mask for image {img}")
+            return problems, None
+        try:
+            arr = _load_mask(self.root / mask)
+        except _Unreadable as e:
+            problems.append(f"{mask}: unreadable mask ({e})")
+            return problems, None
+        if size is not None and (arr.shape[1], arr.shape[0]) != size:
+            problems.append(
+                f"{mask}: mask is {arr.shape[1]}x{arr.shape[0]} but image {img} is {size[0]}x{size[1]}"
+            )
+        values = _present_values(arr)
+        bad = self._bad_values(values)
+        if bad:
+            problems.append(f"{mask}: label values {bad} outside {self.allowed_text}")
+            return problems, None
+        ids = sorted({int(c) for c in self._lut[values]} - {IGNORE})
+        return problems, ids
+
+
+# --------------------------------------------------------------------------------- layouts
+
+
+def _read_stem_list(path: Path, layout: Layout) -> list[str]:
+    """Stems from a list file: bare stems, or DeepLab-style `/JPEGImages/x.jpg /Seg.../x.png`."""
+    if not path.is_file():
+        raise layout._fail(f"split list {path} does not exist")
+    stems = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    if not stems:
+        raise layout._fail(f"split list {path} is empty")
+    return stems
+
+
+class VocLayout(Layout):
+    name = "voc"
+    expected = (
+        "root is the VOC2012 folder with JPEGImages/*.jpg, SegmentationClass/*.png and "
+        "ImageSets/Segmentation/{train,val}.txt (plus SegmentationClassAug/*.png for train_aug)"
+    )
+    tag_exclude = (0,)
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root, VOC_CLASSES, index_palette(len(VOC_CLASSES)))
+
+    def _check_root(self, *required: str) -> None:
+        for nested in ("VOC2012", "VOCdevkit/VOC2012"):
+            if not (self.root / "JPEGImages").is_dir() and (self.root / nested / "JPEGImages").is_dir():
+                raise self._fail(f"{self.root} has no JPEGImages/ (did you mean {self.root / nested}?)")
+        super()._check_root(*required)
+
+    def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
+        self._check_root("JPEGImages")
+        lists = self.root / "ImageSets" / "Segmentation"
+        if split == "train_aug":
+            stems, mask_dir = self._aug_stems(lists), "SegmentationClassAug"
+        else:
+            stems, mask_dir = _read_stem_list(lists / f"{split}.txt", self), "SegmentationClass"
+        # The VOC test set ships without masks.
+        return [
+            (f"JPEGImages/{s}.jpg", None if split == "test" else f"{mask_dir}/{s}.png")
+            for s in sorted(set(stems))
+        ]
+
+    def _aug_stems(self, lists: Path) -> list[str]:
+        """The 10582-image pool: the official list when present, else every augmented mask not
+        in val (SBD train+val plus VOC train, minus VOC val, which is what that list holds)."""
+        listed = self.root / "ImageSets" / "SegmentationAug" / "train_aug.txt"
+        if listed.is_file():
+            return _read_stem_list(listed, self)
+        aug = self.root / "SegmentationClassAug"
+        if not aug.is_dir():
+            raise self._fail(f"split train_aug needs {aug} (the SBD-augmented masks) or {listed}")
+        val = set(_read_stem_list(lists / "val.txt", self))
+        stems = [p.stem for p in aug.glob("*.png") if p.stem not in val]
+        if not stems:
+            raise self._fail(f"{aug} holds no masks outside the val split")
+        return stems
+
+
+class CityscapesLayout(Layout):
+    name = "cityscapes"
+    expected = (
+        "leftImg8bit/{split}/{city}/*_leftImg8bit.png with "
+        "gtFine/{split}/{city}/*_gtFine_labelIds.png"
+    )
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)
+
+    def label_tables(self) -> tuple[np.ndarray, np.ndarray, str]:
+        lut = np.full(256, IGNORE, np.uint8)
+        lut[CITYSCAPES_EVAL_IDS] = np.arange(len(CITYSCAPES_EVAL_IDS))
+        allowed = np.zeros(256, bool)
+        allowed[:34] = True
+        allowed[IGNORE] = True  # labelId -1 (license plate) stored in a uint8 PNG
+        return lut, allowed, f"the labelIds 0..33 and {IGNORE}"
+
+    def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
+        self._check_root("leftImg8bit")
+        folder = self.root / "leftImg8bit" / split
+        if not folder.is_dir():
+            raise self._fail(f"split folder {folder} does not exist")
+        suffix = "_leftImg8bit.png"
+        pairs: list[tuple[str, str | None]] = []
+        for p in sorted(folder.glob(f"*/*{suffix}")):
+            stem = p.name[: -len(suffix)]
+            pairs.append((self._rel(p), f"gtFine/{split}/{p.parent.name}/{stem}_gtFine_labelIds.png"))
+        if not pairs:
+            raise self._fail(f"no *{suffix} images in the city folders of {folder}")
+        return pairs
+
+
+class CamVidLayout(Layout):
+    name = "camvid"
+    expected = "{train,val,test}/*.png with masks of the same name in {train,val,test}annot/ (SegNet layout)"
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root, CAMVID_CLASSES, _camvid_palette(Path(root)))
+
+    def label_tables(self) -> tuple[np.ndarray, np.ndarray, str]:
+        n = len(CAMVID_CLASSES)
+        lut = np.full(256, IGNORE, np.uint8)
+        lut[:n] = np.arange(n)
+        allowed = np.zeros(256, bool)
+        allowed[: n + 1] = True  # 11 = void
+        allowed[IGNORE] = True
+        return lut, allowed, f"0..{n} (11 = void) and {IGNORE}"
+
+    def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
+        self._check_root()
+        folder = self.root / split
+        if not folder.is_dir():
+            raise self._fail(f"split folder {folder} does not exist")
+        pairs: list[tuple[str, str | None]] = [
+            (f"{split}/{p.name}", f"{split}annot/{p.name}") for p in sorted(folder.glob("*.png"))
+        ]
+        if not pairs:
+            raise self._fail(f"no .png images in {folder}")
+        return pairs
+
+
+def _camvid_palette(root: Path) -> list[tuple[int, int, int]]:
+    """Colours from the SegNet `camvid12_palette.png` when present, else the same fixed ones.
+
+    That file has 12 class colours + unlabelled, with Road_marking at index 3; the 11-class
+    SegNet masks merge road marking into Road, so that entry is dropped.
+    """
+    path = root / "camvid12_palette.png"
+    if not path.is_file():
+        return list(CAMVID_PALETTE)
+    try:
+        with Image.open(path) as im:
+            colours = np.array(im.convert("RGB")).reshape(-1, 3)
+    except (OSError, ValueError):
+        return list(CAMVID_PALETTE)
+    if len(colours) < 12:
+        return list(CAMVID_PALETTE)
+    keep = [i for i in range(12) if i != 3]
+    return [(int(r), int(g), int(b)) for r, g, b in colours[keep]]
+
+
+class FolderLayout(Layout):
+    """Generic layout; `demo` data uses it too. A split without a masks/ folder is unlabeled."""
+
+    expected = "images/{split}/*.png|jpg|jpeg, masks/{split}/STEM.png (class ids) and classes.txt"
+
+    def __init__(self, root: str | Path, name: str = "folder") -> None:
+        self.name = name
+        self.root = Path(root)
+        self._check_root()
+        classes_file = self.root / "classes.txt"
+        if not classes_file.is_file():
+            raise self._fail(f"{classes_file} does not exist (one class name per line)")
+        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+        if not 1 <= len(names) <= 255:
+            raise UserError(f"{classes_file} lists {len(names)} classes; give between 1 and 255 names, one per line")
+        super().__init__(root, names, index_palette(len(names)))
+
+    def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
+        self._check_root("images")
+        folder = self.root / "images" / split
+        if not folder.is_dir():
+            raise self._fail(f"split folder {folder} does not exist")
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not images:
+            raise self._fail(f"no .png/.jpg/.jpeg images in {folder}")
+        _refuse_shared_stems(images)
+        has_masks = (self.root / "masks" / split).is_dir()
+        return [(self._rel(p), f"masks/{split}/{p.stem}.png" if has_masks else None) for p in images]
+
+
+def _refuse_shared_stems(images: Iterable[Path]) -> None:
+    """Masks are matched by stem, so a.png and a.jpg side by side would share one mask."""
+    seen: dict[str, Path] = {}
+    for p in images:
+        if p.stem in seen:
+            raise UserError(f"{seen[p.stem]} and {p} share the stem {p.stem!r}, so their mask is ambiguous; rename one")
+        seen[p.stem] = p
+
+
+_LAYOUTS: dict[str, Callable[[Path], Layout]] = {
+    "voc": VocLayout,
+    "cityscapes": CityscapesLayout,
+    "camvid": CamVidLayout,
+    "folder": lambda root: FolderLayout(root, "folder"),
+    "demo": lambda root: FolderLayout(root, "demo"),
+}
+
+
+def get_layout(dataset: str, root: str | Path) -> Layout:
+    """The layout reader for `dataset` (voc, cityscapes, camvid, folder, demo) at `root`."""
+    if dataset not in _LAYOUTS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(_LAYOUTS)}")
+    return _LAYOUTS[dataset](Path(root))
+
+
+# --------------------------------------------------------------------------------- torch side
+
+
+def derive_tags(layout: Layout, pairs: Sequence[Pair], exclude: tuple[int, ...] = ()) -> dict[str, list[int]]:
+    """Class ids present per image (ignore and `exclude` left out); images without a mask get none."""
+    out: dict[str, list[int]] = {}
+    for img, mask in pairs:
+        if mask is None:
+            continue
+        ids = _present_values(layout.read_mask(mask))
+        out[img] = [int(c) for c in ids if c != IGNORE and c not in exclude]
+    return out
+
+
+def load_tags(path: str | Path) -> dict[str, list[int]]:
+    """A tags file written by `prepare-splits --tags`: {image_rel: [class ids]}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read tags file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"tags file {path} is not valid JSON: {e}") from None
+    ok = isinstance(data, dict) and all(
+        isinstance(v, list) and all(isinstance(c, int) for c in v) for v in data.values()
+    )
+    if not ok:
+        raise UserError(f"tags file {path} must map image paths to lists of class ids, e.g. {{\"a.jpg\": [3, 15]}}")
+    return data
+
+
+def _rescale(image: Image.Image, mask: np.ndarray, factor: float) -> tuple[Image.Image, np.ndarray]:
+    w, h = image.size
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    image = image.resize(size, Image.BILINEAR)
+    mask = np.array(Image.fromarray(mask).resize(size, Image.NEAREST))
+    return image, mask
+
+
+class SegDataset(Dataset):
+    """(image, mask) pairs of one layout, read, optionally resized, then transformed.
+
+    Each item is a dict: `image` (3xHxW float), `mask` (HxW long, all ignore for an image
+    without a mask), `has_mask`, `tags` (multi-hot over the classes), `name` and `index`.
+    `tags` may be replaced after construction; an image missing from it falls back to the
+    classes present in its mask, then to zeros.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        pairs: list[tuple[str, str | None]],
+        transform: Callable[[Image.Image, np.ndarray | None], tuple[torch.Tensor, torch.Tensor | None]],
+        tags: dict[str, list[int]] | None = None,
+        resize: float = 1.0,
+        tag_exclude: tuple[int, ...] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.pairs = list(pairs)
+        self.transform = transform
+        self.tags = tags
+        self.resize = resize
+        self.tag_exclude = layout.tag_exclude if tag_exclude is None else tag_exclude
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img_rel, mask_rel = self.pairs[i]
+        image = self.layout.read_image(img_rel)
+        has_mask = mask_rel is not None
+        if has_mask:
+            mask = self.layout.read_mask(mask_rel)
+            if mask.shape != (image.size[1], image.size[0]):
+                raise UserError(f"mask {self.layout.root / mask_rel} is not the size of image {img_rel}")
+        else:
+            mask = np.full((image.size[1], image.size[0]), IGNORE, np.uint8)
+        tags = self._tags(img_rel, mask if has_mask else None)
+        if self.resize != 1.0:
+            image, mask = _rescale(image, mask, self.resize)
+        x, y = self.transform(image, mask)
+        return {"image": x, "mask": y, "has_mask": has_mask, "tags": tags, "name": img_rel, "index": i}
+
+    def _tags(self, img_rel: str, mask: np.ndarray | None) -> torch.Tensor:
+        out = torch.zeros(self.layout.num_classes)
+        if self.tags is not None and img_rel in self.tags:
+            ids = list(self.tags[img_rel])
+        elif mask is not None:
+            ids = [int(c) for c in _present_values(mask) if c != IGNORE and c not in self.tag_exclude]
+        else:
+            ids = []
+        if ids:
+            if max(ids) >= len(out) or min(ids) < 0:
+                raise UserError(f"tags of {img_rel} hold class ids {ids} outside 0..{len(out) - 1}")
+            out[ids] = 1.0
+        return out
+
+
+def build_dataset(data_cfg: Any, pairs: list[tuple[str, str | None]], train: bool) -> SegDataset:
+    """The dataset for `pairs` with the training (random crops) or evaluation transform.
+
+    Tags are not loaded here: the tags file covers the training pool only, so the caller sets
+    `dataset.tags` where it applies.
+    """
+    from semiseg_cli.data.transforms import EvalTransform, TrainTransform
+
+    if data_cfg.ignore_index != IGNORE:
+        raise UserError(f"data.ignore_index = {data_cfg.ignore_index} is not supported: masks mark ignored pixels with {IGNORE}")
+    layout = get_layout(data_cfg.dataset, data_cfg.root)
+    if train:
+        transform: Any = TrainTransform(
+            data_cfg.crop_size, data_cfg.scale_range, data_cfg.flip, data_cfg.mean, data_cfg.std, data_cfg.ignore_index
+        )
+    else:
+        transform = EvalTransform(data_cfg.mean, data_cfg.std)
+    return SegDataset(layout, pairs, transform, resize=data_cfg.resize)

@@ -1,0 +1,213 @@
+"""Labeled/unlabeled splits: drawing them reproducibly and keeping them as plain text files.
+
+A split file has one pair per line, `image mask` relative to the dataset root (just `image` for
+an image without a mask). Files are written atomically and never silently replaced, since the
+same split must be reused by every method that is compared on it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+from semiseg_cli.data.datasets import Layout, get_layout
+from semiseg_cli.errors import UserError
+from semiseg_cli.io import write_text
+
+Pair = tuple[str, "str | None"]
+SHOWN_PROBLEMS = 3
+
+
+class DatasetProblems(UserError):
+    """The pool has bad files. The message is one line; `.problems` holds every line for the CLI."""
+
+    def __init__(self, problems: list[str], where: str) -> None:
+        self.problems = list(problems)
+        n = len(problems)
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        more = f"; and {n - SHOWN_PROBLEMS} more" if n > SHOWN_PROBLEMS else ""
+        super().__init__(f"{n} problem{'s' if n != 1 else ''} in {where}: {shown}{more}; fix them and run again")
+
+
+# --------------------------------------------------------------------------------- amounts
+
+
+def _amount_value(text: str) -> Fraction | int:
+    """A fraction ("1/8", "0.25") as Fraction, a count ("183") as int; UserError otherwise."""
+    hint = "use a fraction like 1/8 or 0.125, or a count like 183"
+    try:
+        if "/" in text or "." in text:
+            value = Fraction(text)
+        else:
+            value = int(text)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"labeled amount {text!r} is not a number; {hint}") from None
+    if isinstance(value, Fraction) and not 0 < value <= 1:
+        raise UserError(f"labeled fraction {text} must be in (0, 1]; {hint}")
+    if isinstance(value, int) and value < 1:
+        raise UserError(f"labeled count {text} must be at least 1; {hint}")
+    return value
+
+
+def parse_amounts(text: str) -> list[str]:
+    """"1/8", "183" or a comma list like "1/8,1/4,92" -> the validated amounts, in order."""
+    amounts = [a.strip() for a in text.split(",")]
+    if not any(amounts):
+        raise UserError("no labeled amount given; use e.g. 1/8 or 183, or a list like 1/16,1/8,92")
+    seen: set[tuple[str, Fraction | int]] = set()  # typed: "1.0" (all) and "1" (one) differ
+    for a in amounts:
+        if not a:
+            raise UserError(f"empty item in the amount list {text!r}; separate amounts with single commas")
+        v = _amount_value(a)
+        key = (type(v).__name__, v)
+        if key in seen:
+            raise UserError(f"labeled amount {a} is listed twice in {text!r}")
+        seen.add(key)
+    return amounts
+
+
+def amount_count(amount: str, pool_size: int) -> int:
+    """How many labeled images `amount` means for a pool of `pool_size`."""
+    v = _amount_value(amount.strip())
+    if isinstance(v, Fraction):
+        count = max(1, round(v * pool_size))
+    else:
+        count = v
+    if count > pool_size:
+        raise UserError(f"labeled amount {amount} asks for {count} images but the pool has only {pool_size}")
+    return count
+
+
+def amount_dirname(amount: str) -> str:
+    """A folder name for an amount: "1/8" -> "1_8", "183" -> "183"."""
+    return amount.strip().replace("/", "_")
+
+
+# --------------------------------------------------------------------------------- drawing
+
+
+def draw_split(pairs: Sequence[Pair], amount: str, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(labeled, unlabeled), both sorted. Draws from the sorted pool with its own RNG, so the
+    result depends only on the pool, the amount and the seed, never on global random state."""
+    pool = sorted(set(pairs), key=lambda p: (p[0], p[1] or ""))
+    if not pool:
+        raise UserError("cannot draw a split from an empty pool of images")
+    count = amount_count(amount, len(pool))
+    chosen = set(random.Random(seed).sample(range(len(pool)), count))
+    labeled = [p for i, p in enumerate(pool) if i in chosen]
+    unlabeled = [p for i, p in enumerate(pool) if i not in chosen]
+    return labeled, unlabeled
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def _format_pairs(pairs: Sequence[Pair]) -> str:
+    lines = []
+    for img, mask in pairs:
+        for rel in (img, mask):
+            if rel is not None and (not rel or any(c.isspace() for c in rel)):
+                raise UserError(f"cannot write {rel!r} to a split file: paths there may not contain spaces; rename the file")
+        lines.append(img if mask is None else f"{img} {mask}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _refuse_changes(files: dict[Path, str], overwrite: bool) -> None:
+    """UserError if any file exists with other content; identical files are fine to rewrite."""
+    if overwrite:
+        return
+    for path, text in files.items():
+        if path.is_file() and path.read_text() != text:
+            raise UserError(f"{path} already exists with a different content; pass --overwrite to replace it")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} exists and is not a file; remove it or choose another output folder")
+
+
+def _write_all(files: dict[Path, str]) -> list[Path]:
+    for path, text in files.items():
+        write_text(path, text)
+    return list(files)
+
+
+def write_split_files(out_dir: str | Path, labeled: Sequence[Pair], unlabeled: Sequence[Pair], overwrite: bool = False) -> list[Path]:
+    """Write `labeled.txt` and `unlabeled.txt` into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    files = {out / "labeled.txt": _format_pairs(labeled), out / "unlabeled.txt": _format_pairs(unlabeled)}
+    _refuse_changes(files, overwrite)
+    return _write_all(files)
+
+
+def read_split_file(path: str | Path, root: str | Path) -> list[tuple[str, str | None]]:
+    """Pairs from a split file, each checked to exist under `root`.
+
+    A leading "/" is dropped, so DeepLab-style lists ("/JPEGImages/x.jpg /Seg.../x.png") work.
+    Blank lines and lines starting with # are skipped.
+    """
+    path, root = Path(path), Path(root)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read split file {path}: {e.strerror}") from None
+    pairs: list[tuple[str, str | None]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) > 2:
+            raise UserError(f"{path} line {n}: expected `image [mask]`, got {len(parts)} fields: {line.strip()!r}")
+        rels = [p.lstrip("/") for p in parts]
+        for rel in rels:
+            if not (root / rel).is_file():
+                raise UserError(f"{path} line {n}: {rel} does not exist under {root}; is data.root right?")
+        pairs.append((rels[0], rels[1] if len(rels) == 2 else None))
+    if not pairs:
+        raise UserError(f"split file {path} lists no images")
+    return pairs
+
+
+# --------------------------------------------------------------------------------- prepare
+
+
+def prepare_splits(
+    dataset: str,
+    root: str | Path,
+    amounts: list[str],
+    seed: int,
+    out_dir: str | Path,
+    split: str = "train",
+    overwrite: bool = False,
+    tags: bool = False,
+) -> list[Path]:
+    """Validate the pool, draw one split per amount and write them; returns every file written.
+
+    Nothing is written unless the pool is clean, every amount fits and no existing file would
+    change (without `overwrite`). One amount writes into `out_dir`; several into
+    `out_dir/<amount_dirname>/`.
+    """
+    layout = get_layout(dataset, root)
+    pool = layout.list_pairs(split)
+    problems, present = layout.scan(pool)
+    if problems:
+        raise DatasetProblems(problems, f"the {split} split of {layout.root}")
+    amounts = parse_amounts(",".join(amounts))
+    out = Path(out_dir)
+    files: dict[Path, str] = {}
+    tags_text = _tags_json(layout, present) if tags else None
+    for amount in amounts:
+        folder = out if len(amounts) == 1 else out / amount_dirname(amount)
+        labeled, unlabeled = draw_split(pool, amount, seed)
+        files[folder / "labeled.txt"] = _format_pairs(labeled)
+        files[folder / "unlabeled.txt"] = _format_pairs(unlabeled)
+        if tags_text is not None:
+            files[folder / "tags.json"] = tags_text
+    _refuse_changes(files, overwrite)
+    return _write_all(files)
+
+
+def _tags_json(layout: Layout, present: dict[str, list[int]]) -> str:
+    """{image: [class ids]} without ignore and the layout's non-tag classes (VOC background)."""
+    tags = {img: [c for c in ids if c not in layout.tag_exclude] for img, ids in sorted(present.items())}
+    return json.dumps(tags, indent=1) + "\n"

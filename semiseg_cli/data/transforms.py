@@ -1,0 +1,124 @@
+"""Paired transforms: the image and its mask always get the same geometry.
+
+The image is resampled bilinearly and the mask with nearest neighbour, so mask values stay class
+ids (interpolating ids would invent classes at boundaries). Randomness comes from Python's
+`random` module, which the loaders seed per sample; numpy's global state is never used, since
+forked workers would otherwise repeat the same crops.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE = 255
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def to_tensor(image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """HxWx3 uint8 -> normalised 3xHxW float."""
+    arr = np.asarray(image, dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s
+
+
+def mask_to_tensor(mask: np.ndarray | None) -> torch.Tensor | None:
+    return None if mask is None else torch.from_numpy(mask.astype(np.int64))  # a copy: masks from PIL are read-only
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo the normalisation of a 3xHxW or Bx3xHxW tensor (back to about 0..1, for viewing)."""
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return x * s + m
+
+
+class EvalTransform:
+    """No geometry: the network sees the whole image at its stored (or `resize`d) size."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Image.Image, mask: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return to_tensor(image.convert("RGB"), self.mean, self.std), mask_to_tensor(mask)
+
+
+class TrainTransform:
+    """Random scale, pad to the crop, random crop, random horizontal flip, normalise.
+
+    `crop_size` is (height, width). Padding uses the mean colour for the image, so padded pixels
+    are 0 after normalisation, and `ignore_index` for the mask, so they never count in the loss.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | Sequence[int],
+        scale_range: Sequence[float] = (0.5, 2.0),
+        flip: bool = True,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        ignore_index: int = IGNORE,
+    ) -> None:
+        self.crop = _pair(crop_size)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = flip
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.ignore_index = ignore_index
+        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+
+    def __call__(self, image: Image.Image, mask: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = image.convert("RGB")
+        if mask is not None and mask.shape != (image.size[1], image.size[0]):
+            raise ValueError(f"mask {mask.shape} and image {image.size[::-1]} differ in size")
+        img, msk = self._scale(image, mask)
+        img, msk = self._pad(img, msk)
+        img, msk = self._crop(img, msk)
+        if self.flip and random.random() < 0.5:
+            img = img[:, ::-1]
+            msk = None if msk is None else msk[:, ::-1]
+        return to_tensor(img, self.mean, self.std), mask_to_tensor(msk)
+
+    def _scale(self, image: Image.Image, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        s = random.uniform(*self.scale_range)
+        w, h = image.size
+        size = (max(1, int(w * s + 0.5)), max(1, int(h * s + 0.5)))
+        img = np.asarray(image.resize(size, Image.BILINEAR))
+        if mask is None:
+            return img, None
+        return img, np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+
+    def _pad(self, img: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        ch, cw = self.crop
+        h, w = img.shape[:2]
+        if h >= ch and w >= cw:
+            return img, mask
+        H, W = max(h, ch), max(w, cw)
+        out = np.empty((H, W, 3), np.uint8)
+        out[:] = self.fill
+        out[:h, :w] = img
+        if mask is None:
+            return out, None
+        dtype = np.uint8 if 0 <= self.ignore_index <= 255 else np.int64
+        m = np.full((H, W), self.ignore_index, dtype)
+        m[:h, :w] = mask
+        return out, m
+
+    def _crop(self, img: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        ch, cw = self.crop
+        h, w = img.shape[:2]
+        top, left = random.randint(0, h - ch), random.randint(0, w - cw)
+        img = img[top : top + ch, left : left + cw]
+        return img, None if mask is None else mask[top : top + ch, left : left + cw]
