@@ -133,3 +133,12 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_tree() -> dict[str, TreeFactory]:
     """Factories for private, writable trees: make_tree["folder"](tmp_path) -> root."""
     return {"voc": make_voc_tree, "cityscapes": make_cityscapes_tree, "camvid": make_camvid_tree, "folder": make_folder_tree}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    spin-waiting between processes makes them several times slower."""
+    import torch
+
+    torch.set_num_threads(1)

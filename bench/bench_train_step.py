@@ -1,0 +1,166 @@
+"""Time one training step of several methods at the same preset, batch and crop, and eval throughput.
+
+Methods are timed round-robin in one process (warm-up first), so their ratio is measured under
+the same machine load; the median step time of each is reported, with the ratio to the first
+method, the peak GPU memory per image on CUDA, and eval images/s of the inference network.
+
+    python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-600it_camvid-224x288 \
+        --methods supervised,u2pl --device cpu --steps 10
+Writes bench/results/train_step_<preset>_<device>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from semiseg_cli.config import build_config  # noqa: E402
+from semiseg_cli.engine.loop import resolve_device  # noqa: E402
+from semiseg_cli.methods import get_method  # noqa: E402
+from semiseg_cli.methods.base import TrainContext  # noqa: E402
+
+
+def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: torch.device, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    h, w = crop
+    mask = torch.randint(0, num_classes, (b, h // 16, w // 16), generator=g)
+    mask = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    image = torch.randn(b, 3, h, w, generator=g) + mask.unsqueeze(1).float() * 0.3
+    tags = torch.zeros(b, num_classes)
+    for i in range(b):
+        tags[i, mask[i].unique()] = 1
+    return {
+        "image": image.to(device), "mask": mask.to(device), "has_mask": torch.ones(b, dtype=torch.bool, device=device),
+        "tags": tags.to(device), "name": [f"s{i}" for i in range(b)], "index": torch.arange(b, device=device),
+    }
+
+
+class Runner:
+    def __init__(self, method: str, preset: str, overrides: list[str], num_classes: int, device: torch.device, step: int) -> None:
+        self.name = method
+        cfg = build_config(preset, overrides, method)
+        self.cfg = cfg
+        cls = get_method(method)
+        cls.check_config(cfg, num_classes)
+        torch.manual_seed(0)
+        self.method = cls(cfg, num_classes, [f"c{i}" for i in range(num_classes)]).to(device)
+        bl = cfg.data.batch_size
+        bu = cfg.data.unlabeled_batch_size or bl
+        self.method.setup(TrainContext(total_iters=max(step + 100, cfg.train.iters), labeled_size=1000, unlabeled_size=1000,
+                                       labeled_batch=bl, unlabeled_batch=bu, device=device))
+        self.specs = self.method.configure_optimizers(max(step + 100, cfg.train.iters))
+        crop = tuple(cfg.data.crop_size)
+        self.lab = synthetic_batch(bl, crop, num_classes, device, 0)  # type: ignore[arg-type]
+        if cls.uses_tags:
+            self.lab["gt_mask"] = self.lab.pop("mask")
+        self.unl = synthetic_batch(bu, crop, num_classes, device, 1) if cls.uses_unlabeled else None  # type: ignore[arg-type]
+        self.images = bl + (bu if self.unl is not None else 0)
+        self.device = device
+        self.step = step
+        self.amp = cfg.train.amp and device.type == "cuda"
+        self.times: list[float] = []
+        self.method.train()
+
+    def run(self, record: bool) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for s in self.specs:
+            s.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            losses = self.method.training_step(self.lab, self.unl, self.step)
+        losses["loss"].backward()
+        for s in self.specs:
+            s.optimizer.step()
+        self.method.after_optimizer_step(self.step)
+        sync()
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def eval_throughput(runner: Runner, iters: int) -> float:
+    model = runner.method.inference_model().eval()
+    x = runner.lab["image"]
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        model(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        with torch.autocast(runner.device.type, dtype=torch.bfloat16, enabled=runner.amp):
+            model(x)
+    sync()
+    return iters * x.shape[0] / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--methods", default="supervised,u2pl")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--num-classes", type=int, default=None, help="default: the preset's dataset")
+    ap.add_argument("--at-step", type=int, default=100000, help="step index passed to methods (past warm-ups)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    nc = args.num_classes
+    if nc is None:
+        nc = {"voc": 21, "cityscapes": 19, "camvid": 11, "demo": 5, "folder": 5}[build_config(args.preset).data.dataset]
+    runners = [Runner(m, args.preset, args.overrides, nc, device, args.at_step) for m in args.methods.split(",")]
+    for _ in range(args.warmup):
+        for r in runners:
+            r.run(record=False)
+    peaks: dict[str, float] = {}
+    for i in range(args.steps):
+        for r in runners:  # round-robin: every method sees the same load
+            if device.type == "cuda" and i == 0:
+                torch.cuda.reset_peak_memory_stats()
+            r.run(record=True)
+            if device.type == "cuda" and i == 0:
+                peaks[r.name] = torch.cuda.max_memory_allocated() / 2**20
+    base = statistics.median(runners[0].times)
+    rows = []
+    for r in runners:
+        med = statistics.median(r.times)
+        rows.append({
+            "method": r.name, "step_s_median": round(med, 4), "step_s_min": round(min(r.times), 4),
+            "ratio_to_first": round(med / base, 3), "images_per_step": r.images,
+            "peak_mem_mib": round(peaks[r.name], 1) if r.name in peaks else None,
+            "peak_mem_mib_per_image": round(peaks[r.name] / r.images, 1) if r.name in peaks else None,
+            "eval_images_per_s": round(eval_throughput(r, max(2, args.steps // 2)), 2),
+        })
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"train step, {args.preset} on {device} ({args.steps} timed steps each)")
+    for col in rows[0]:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    Console().print(table)
+    out = args.out or Path(__file__).parent / "results" / f"train_step_{args.preset}_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"preset": args.preset, "device": str(device), "torch": torch.__version__, "host": platform.node(),
+            "cpu_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "steps": args.steps, "overrides": args.overrides, "crop": list(runners[0].cfg.data.crop_size)}
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
