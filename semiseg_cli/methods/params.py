@@ -17,32 +17,42 @@ class _Params(BaseModel):
 
 
 class U2PLParams(_Params):
-    """U2PL (CVPR 2022). Values from the paper unless a field says otherwise."""
+    """U2PL (CVPR 2022). Values from the paper unless a field says otherwise; see
+    docs/methods_u2pl.md for each formula and where the official code differs."""
 
-    sup_only_iters: int = Field(0, ge=0)  # supervised-only warm-up (VOC recipe: one epoch)
+    # Supervised-only warm-up: only the labeled loss, no teacher. None = one epoch (the VOC
+    # recipe's sup_only_epoch = 1); 0 = none (the Cityscapes recipe).
+    sup_only_iters: int | None = Field(None, ge=0)
     # Reset the teacher to the student at every step of the first semi-supervised epoch, as the
-    # official code does; `teacher_reset_iters` says how long that "epoch" is.
+    # official code does; `teacher_reset_iters` says how long (None = one epoch).
     teacher_reset: bool = True
-    teacher_reset_iters: int = Field(0, ge=0)
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    ema_buffers: bool = True  # the official code averages parameters only
-    unsup_weight: float = 1.0
+    teacher_reset_iters: int | None = Field(None, ge=0)
+    ema_decay: float = Field(0.99, gt=0, lt=1)  # max decay; min(1 - 1/(t+1), ema_decay)
+    # Average BatchNorm statistics too; false copies them from the student. (The official code
+    # averages parameters only and lets a train-mode teacher forward update its statistics.)
+    ema_buffers: bool = True
+    unsup_weight: float = Field(1.0, ge=0)
     drop_percent: float = Field(80.0, ge=0, le=100)  # entropy percentile p_0 (then -> 100)
+    # "official": mean CE over kept pixels x (B*H*W / #kept), as the official code; "mean": the
+    # plain mean over kept pixels.
     unsup_norm: Literal["official", "mean"] = "official"
-    cutmix_prob: float = Field(0.5, ge=0, le=1)
+    cutmix_prob: float = Field(0.5, ge=0, le=1)  # one coin per batch, as the official code
     cutmix_area: float = Field(0.5, gt=0, lt=1)
+    # CutMix box edges on multiples of this (the representation stride), so the box is exact on
+    # the stride-4 teacher features; 1 = any pixel (the official code's boxes).
+    cutmix_align: int = Field(4, ge=1)
     contrastive: bool = True
-    contrastive_weight: float = 0.1  # paper 0.1, official code 1.0
+    contrastive_weight: float = Field(0.1, ge=0)  # paper 0.1, official code 1.0
     alpha_0: float = Field(20.0, ge=0, le=50)  # reliable/unreliable percentile, -> 0
-    delta_p: float = 0.3  # anchor threshold on teacher probability
-    delta_n: float = 1.0  # negative threshold (official default: no filtering)
+    delta_p: float = Field(0.3, ge=0, le=1)  # anchor threshold on teacher probability
+    delta_n: float = Field(1.0, ge=0, le=1)  # negatives need prob < delta_n (official: 1, no filter)
     low_rank: int = Field(3, ge=1)
     high_rank: int = Field(20, ge=2)
     num_queries: int = Field(256, ge=1)
     num_negatives: int = Field(50, ge=1)
     temperature: float = Field(0.5, gt=0)
     queue_size: int = Field(30000, ge=1)
-    queue_size_background: int = Field(50000, ge=1)
+    queue_size_background: int = Field(50000, ge=1)  # class 0's queue
     # The schedules (p_t and alpha_t) are "per epoch" in the paper; epochs are counted in
     # iterations of this length (0: the unlabeled pool size divided by the unlabeled batch).
     epoch_iters: int = Field(0, ge=0)

@@ -1,0 +1,294 @@
+"""U2PL: semi-supervised segmentation using unreliable pseudo-labels (Wang et al., CVPR 2022).
+
+One training step, read top to bottom in `training_step`:
+1. supervised-only warm-up (`sup_only_iters`): labeled CE only, no teacher forward;
+2. teacher (EMA of the student, eval mode, no grad) on cat(labeled, weak unlabeled): softmax ->
+   pseudo-label, confidence, entropy on the unlabeled half; probabilities and stride-4 features
+   on both halves for the contrastive term;
+3. CutMix (probability 0.5, one box of half the image per sample, sample i with (i+1) mod B)
+   applied alike to the unlabeled images, pseudo-labels, confidences, entropies, teacher
+   probabilities and teacher features;
+4. one student forward over cat(labeled, strong unlabeled) (one call, for DDP);
+5. supervised CE + unsupervised CE on pixels below the p_t-th entropy percentile + the
+   contrastive loss on the representation head, whose memory bank is updated first.
+The teacher's EMA update happens in `after_optimizer_step`.
+
+Paper vs official code choices are fields of `U2PLParams`; docs/methods_u2pl.md lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semiseg_cli.engine import distributed
+from semiseg_cli.engine.ema import EMATeacher
+from semiseg_cli.errors import UserError
+from semiseg_cli.methods.base import Method
+from semiseg_cli.methods.supervised import sup_losses
+from semiseg_cli.methods.u2pl_losses import (
+    MemoryBank,
+    alpha_at,
+    contrastive_loss,
+    contrastive_masks,
+    cutmix,
+    cutmix_box_mask,
+    drop_percent_at,
+    entropy,
+    epoch_fraction,
+    last_per_class,
+    percentiles,
+    resize_nearest,
+    unsup_loss,
+)
+
+
+class U2PL(Method):
+    name = "u2pl"
+    uses_unlabeled = True
+
+    def __init__(self, cfg: Any, num_classes: int, class_names: list[str]) -> None:
+        super().__init__(cfg, num_classes, class_names)
+        p = cfg.u2pl
+        self.p = p
+        # Built from the plain student before the loop wraps it in DDP (see EMATeacher).
+        self.teacher = EMATeacher(self.model, max_decay=p.ema_decay, buffers="ema" if p.ema_buffers else "copy")
+        self.bank: MemoryBank | None = None
+        if p.contrastive:
+            sizes = [p.queue_size_background] + [p.queue_size] * (num_classes - 1)
+            self.bank = MemoryBank(sizes[:num_classes], cfg.model.rep_dim)
+        # Number of EMA updates done: 0 means the teacher is still the untrained initial copy,
+        # so evaluation and checkpoints use the student (the official code validates the
+        # student during the supervised-only epoch too).
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._last_decay = 0.0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build_inference_model(cls, cfg: Any, num_classes: int) -> nn.Module:
+        """The student, teacher and shipped model share one structure, with the representation
+        head whenever the contrastive loss is on (so checkpoints load into what `eval` rebuilds;
+        the head costs a little at inference and its output is ignored there)."""
+        from semiseg_cli.models import build_model
+
+        model_cfg = cfg.model
+        if cfg.u2pl.contrastive and not model_cfg.rep_head:
+            model_cfg = model_cfg.model_copy(update={"rep_head": True})
+        return build_model(model_cfg, num_classes)
+
+    @classmethod
+    def check_config(cls, cfg: Any, num_classes: int) -> None:
+        """Refuse settings under which the contrastive loss would silently be zero."""
+        p = cfg.u2pl
+        if not p.contrastive:
+            return
+        if cfg.model.arch != "deeplabv3plus":
+            raise UserError(
+                f'u2pl.contrastive needs model.arch = "deeplabv3plus" (the representation head sits on its '
+                f"stride-4 decoder; got {cfg.model.arch!r}); set model.arch=deeplabv3plus or u2pl.contrastive=false"
+            )
+        if num_classes < 2:
+            raise UserError(
+                f"u2pl.contrastive needs at least 2 classes (the dataset has {num_classes}); set u2pl.contrastive=false"
+            )
+        high = min(p.high_rank, num_classes)
+        if p.low_rank >= high:
+            low_fix = max(1, min(p.low_rank, num_classes // 2))
+            raise UserError(
+                f"u2pl rank window [low_rank, min(high_rank, classes)) = [{p.low_rank}, {high}) is empty for "
+                f"{num_classes} classes, so unlabeled pixels would never become negative keys; "
+                f"set u2pl.low_rank={low_fix} u2pl.high_rank={num_classes} or u2pl.contrastive=false"
+            )
+
+    def inference_model(self) -> nn.Module:
+        return self.teacher.module if int(self.ema_updates) > 0 else self.model
+
+    # ------------------------------------------------------------------ schedules
+    def _epoch_iters(self) -> int:
+        if self.p.epoch_iters > 0:
+            return self.p.epoch_iters
+        if self.ctx is not None:
+            return self.ctx.epoch_iters
+        return self.cfg.train.iters  # no context (unit tests): the whole run is one epoch
+
+    def _total_iters(self) -> int:
+        return self.ctx.total_iters if self.ctx is not None else self.cfg.train.iters
+
+    def sup_only_iters(self) -> int:
+        v = self.p.sup_only_iters
+        return self._epoch_iters() if v is None else v
+
+    def teacher_reset_iters(self) -> int:
+        if not self.p.teacher_reset:
+            return 0
+        v = self.p.teacher_reset_iters
+        return self._epoch_iters() if v is None else v
+
+    def schedules(self, step: int) -> tuple[float, float]:
+        """(p_t, alpha_t) at this step; both move once per epoch."""
+        frac = epoch_fraction(step, self._epoch_iters(), self._total_iters())
+        return drop_percent_at(frac, self.p.drop_percent), alpha_at(frac, self.p.alpha_0)
+
+    # ------------------------------------------------------------------ training
+    def training_step(
+        self, labeled: dict[str, Any], unlabeled: dict[str, Any] | None, step: int
+    ) -> dict[str, Tensor]:
+        p = self.p
+        p_t, alpha_t = self.schedules(step)
+        sup_only = self.sup_only_iters()
+        if unlabeled is None or step < sup_only:
+            out = self.model(labeled["image"])
+            losses = sup_losses(self.cfg, out, labeled["mask"])
+            zero = _unused(out)
+            losses["loss"] = losses["loss"] + zero
+            losses.update(loss_unsup=zero.detach(), loss_contra=zero.detach())
+            losses.update(drop_percent=_scalar(p_t, zero), alpha_t=_scalar(alpha_t, zero))
+            return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
+
+        ignore = self.cfg.data.ignore_index
+        if step - sup_only < self.teacher_reset_iters():
+            self.teacher.reset(distributed.unwrap(self.model))
+        img_l, mask_l, img_u = labeled["image"], labeled["mask"], unlabeled["image"]
+        n_l = img_l.shape[0]
+
+        # -- teacher: pseudo-labels (and, for the contrastive term, features of both halves)
+        with torch.no_grad():
+            t_in = torch.cat([img_l, img_u]) if p.contrastive else img_u
+            t_out = self.teacher(t_in)
+            t_logits = t_out["logits"].float()
+            off = n_l if p.contrastive else 0
+            prob_u = torch.softmax(t_logits[off:], 1)
+            conf_u, pl_u = prob_u.max(1)
+            ent_u = entropy(prob_u)
+            box = None
+            if p.cutmix_prob > 0 and float(torch.rand(())) < p.cutmix_prob:
+                h, w = img_u.shape[-2:]
+                box = cutmix_box_mask(img_u.shape[0], h, w, p.cutmix_area, p.cutmix_align).to(img_u.device)
+            mix = (lambda x: cutmix(box, x)) if box is not None else (lambda x: x)
+            img_s, pl_s, conf_s, ent_s = mix(img_u), mix(pl_u), mix(conf_u), mix(ent_u)
+
+        # -- student: one forward over labeled + strong unlabeled
+        out = self.model(torch.cat([img_l, img_s]))
+        head = {k: v[:n_l] for k, v in out.items() if k in ("logits", "aux")}
+        losses = sup_losses(self.cfg, head, mask_l)
+        loss = losses["loss"]
+
+        valid_u = pl_s != ignore
+        thr = percentiles(ent_s, valid_u, [p_t, alpha_t, 100.0 - alpha_t])
+        loss_u, keep = unsup_loss(out["logits"][n_l:], pl_s, ent_s, thr[0], p.unsup_norm, ignore)
+        loss = loss + p.unsup_weight * loss_u
+        reliable = valid_u & (ent_s <= thr[1])
+        unreliable = valid_u & (ent_s >= thr[2])
+
+        if p.contrastive:
+            loss_c = self._contrastive(out["rep"], t_out, t_logits, mask_l, pl_s, reliable, unreliable, mix, n_l)
+            loss = loss + p.contrastive_weight * loss_c
+        else:
+            loss_c = _unused(out)
+            loss = loss + loss_c
+
+        n_u = valid_u.sum().clamp(min=1)
+        losses.update(
+            loss=loss,
+            loss_unsup=loss_u.detach(),
+            loss_contra=loss_c.detach(),
+            drop_percent=_scalar(p_t, loss),
+            alpha_t=_scalar(alpha_t, loss),
+            unsup_kept=keep.sum() / n_u,
+            reliable_frac=reliable.sum() / n_u,
+            pl_conf=conf_s.mean(),
+        )
+        losses.update(_pseudo_label_accuracy(unlabeled, pl_u, ent_u, thr[0], ignore))
+        return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
+
+    def _contrastive(
+        self,
+        rep: Tensor,
+        t_out: dict[str, Tensor],
+        t_logits: Tensor,
+        mask_l: Tensor,
+        pl_s: Tensor,
+        reliable: Tensor,
+        unreliable: Tensor,
+        mix: Any,
+        n_l: int,
+    ) -> Tensor:
+        """Masks at the representation stride, bank update (gathered across ranks), then the loss."""
+        p, bank = self.p, self.bank
+        assert bank is not None
+        size = rep.shape[-2:]
+        with torch.no_grad():
+            prob_small = F.interpolate(torch.softmax(t_logits, 1), size=size, mode="bilinear", align_corners=False)
+            rep_t = t_out["rep"]
+            prob_small = torch.cat([prob_small[:n_l], mix(prob_small[n_l:])])
+            rep_t = torch.cat([rep_t[:n_l], mix(rep_t[n_l:])])
+            label_l = resize_nearest(mask_l, size)
+            lab = torch.cat([label_l, resize_nearest(pl_s, size)])
+            valid_l = label_l != self.cfg.data.ignore_index
+            rel = torch.cat([valid_l, resize_nearest(reliable, size)])
+            unrel = torch.cat([valid_l, resize_nearest(unreliable, size)])
+            is_l = torch.zeros_like(rel)
+            is_l[:n_l] = True
+            flat = lambda x: x.flatten()  # noqa: E731
+            proto, anchor, negative = contrastive_masks(
+                flat(lab), prob_small.permute(0, 2, 3, 1).flatten(0, 2), flat(rel), flat(unrel), flat(is_l),
+                p.delta_p, p.delta_n, p.low_rank, p.high_rank, self.cfg.data.ignore_index,
+            )
+            rep_t = rep_t.permute(0, 2, 3, 1).flatten(0, 2)
+            # Queue update before the loss reads it (official order); keys L2-normalised once
+            # here since only their direction enters the cosine similarity.
+            pix, cls = last_per_class(negative, bank.sizes)
+            keys = F.normalize(rep_t[pix].float(), dim=1)
+            bank.push(distributed.all_gather_cat(keys), distributed.all_gather_cat(cls))
+        loss, _ = contrastive_loss(
+            rep.permute(0, 2, 3, 1).flatten(0, 2), rep_t, proto, anchor, bank,
+            p.num_queries, p.num_negatives, p.temperature,
+        )
+        return loss
+
+    def after_optimizer_step(self, step: int) -> None:
+        if step < self.sup_only_iters():
+            return
+        self._last_decay = self.teacher.update(distributed.unwrap(self.model), step - self.sup_only_iters())
+        self.ema_updates += 1
+
+    def extra_log(self) -> dict[str, float]:
+        log: dict[str, float] = {"ema_decay": float(self._last_decay)}
+        if self.bank is not None:
+            frac = (self.bank.fill.float() / self.bank.sizes.float()).tolist()
+            log["queue_fill_mean"] = sum(frac) / len(frac)
+            for name, f in zip(self.class_names, frac):
+                log[f"queue_fill/{name}"] = f
+        return log
+
+
+def _unused(out: dict[str, Tensor]) -> Tensor:
+    """0 x the representation, so every student parameter is in the graph (DDP without
+    find_unused_parameters fails otherwise) while the head gets no signal."""
+    return out["rep"].sum() * 0.0 if "rep" in out else out["logits"].sum() * 0.0
+
+
+def _scalar(v: float, like: Tensor) -> Tensor:
+    return torch.tensor(v, device=like.device, dtype=torch.float32)
+
+
+def _pseudo_label_accuracy(
+    unlabeled: dict[str, Any], pl: Tensor, ent: Tensor, thresh: Tensor, ignore: int
+) -> dict[str, Tensor]:
+    """Teacher pseudo-label accuracy on the weak view against the ground truth of unlabeled
+    images that have one (`has_mask`): over all labeled pixels, and over those the entropy
+    threshold keeps. One host sync (`has_mask.any()`) decides whether to log it at all."""
+    has = unlabeled.get("has_mask")
+    if has is None or not bool(has.any()):
+        return {}
+    gt = unlabeled["mask"]
+    valid = (gt != ignore) & has.view(-1, 1, 1)
+    right = (pl == gt) & valid
+    kept = valid & (ent < thresh)
+    return {
+        "pl_acc": right.sum() / valid.sum().clamp(min=1),
+        "pl_acc_kept": (right & kept).sum() / kept.sum().clamp(min=1),
+    }
