@@ -3,7 +3,7 @@
 Five classes: background, disc, box, triangle and stripes. Every object gets a random colour
 drawn like the background's, so colour says nothing about the class: a model has to use shape
 (round, square, three corners, elongated) and texture (radial shading, checkerboard, linear
-gradient, stripes in the complementary colour); 30% of the objects are drawn flat, without their
+gradient, stripes in the complementary colour); 10% of the objects are drawn flat, without their
 texture, so texture alone is not enough either. Backgrounds are smooth two-colour noise with
 grain, thin lines and small blobs; later objects occlude earlier ones and objects may run off
 the image edge. A small CNN learns it in minutes on a CPU without solving it outright, which
@@ -29,11 +29,11 @@ from semiseg_cli.errors import UserError
 
 CLASS_NAMES = ["background", "disc", "box", "triangle", "stripes"]
 MARKER = "semiseg_demo.json"
-VERSION = 1
+VERSION = 2
 # What generate_demo owns inside its output folder; only these are ever replaced.
 OWNED = ("images", "masks", "classes.txt", MARKER)
 # Objects drawn in flat colour, without their class texture: only their shape tells them apart.
-PLAIN_FRACTION = 0.3
+PLAIN_FRACTION = 0.1
 
 Coords = tuple[np.ndarray, np.ndarray]  # (x, y) pixel-centre grids, float32 HxW
 
@@ -71,7 +71,7 @@ def _frame(rng: np.random.Generator, size: int, xy: Coords) -> tuple[np.ndarray,
     """Object-local coordinates (u along a random direction, v across) and a radius."""
     x, y = xy
     cx, cy = rng.uniform(0.1, 0.9, 2) * size
-    r = float(rng.uniform(0.12, 0.28) * size)
+    r = float(rng.uniform(0.16, 0.30) * size)
     t = rng.uniform(0, np.pi)
     u = (x - cx) * np.cos(t) + (y - cy) * np.sin(t)
     v = -(x - cx) * np.sin(t) + (y - cy) * np.cos(t)
