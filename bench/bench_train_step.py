@@ -4,7 +4,7 @@ Methods are timed round-robin in one process (warm-up first), so their ratio is 
 the same machine load; the median step time of each is reported, with the ratio to the first
 method, the peak GPU memory per image on CUDA, and eval images/s of the inference network.
 
-    python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-600it_camvid-224x288 \
+    python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-500it_camvid-176x224 \
         --methods supervised,u2pl --device cpu --steps 10
 Writes bench/results/train_step_<preset>_<device>.json (or --out).
 """
