@@ -22,9 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m semiseg_cli demo-data --out demo_data
 	$(PY) -m semiseg_cli prepare-splits --dataset demo --root demo_data --labeled 1/8 --seed 0 --out splits/demo --overwrite
-	$(PY) -m semiseg_cli train --preset supervised_r18-os16_1x8-800it_demo-96 \
+	$(PY) -m semiseg_cli train --preset supervised_r18-os16_1x4-400it_demo-96 \
 	    --labeled-list splits/demo/labeled.txt --out runs/demo-supervised --overwrite
-	$(PY) -m semiseg_cli train --preset u2pl_r18-os16_1x8+8-800it_demo-96 \
+	$(PY) -m semiseg_cli train --preset u2pl_r18-os16_1x4+4-400it_demo-96 \
 	    --labeled-list splits/demo/labeled.txt --unlabeled-list splits/demo/unlabeled.txt --out runs/demo-u2pl --overwrite
 	$(PY) -m semiseg_cli eval -c runs/demo-supervised/best.pt --json runs/demo-supervised/eval.json --overwrite
 	$(PY) -m semiseg_cli eval -c runs/demo-u2pl/best.pt --json runs/demo-u2pl/eval.json --overwrite

@@ -160,7 +160,7 @@ def train_cmd(
         return
     overrides = list(set_ or [])
     shortcut = {
-        "data.labeled": f'"{labeled}"' if labeled else None,
+        "data.labeled": f'"{labeled}"' if labeled else ("none" if labeled_list else None),
         "data.labeled_list": f'"{labeled_list}"' if labeled_list else None,
         "data.unlabeled_list": f'"{unlabeled_list}"' if unlabeled_list else None,
         "data.root": f'"{root}"' if root else None,

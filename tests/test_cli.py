@@ -38,7 +38,7 @@ def test_version_and_help_list_every_command() -> None:
 
 
 def test_train_dry_run_prints_the_resolved_config() -> None:
-    r = runner.invoke(app, ["train", "--preset", "supervised_r18-os16_1x8-800it_demo-96", "--dry-run", "--iters", "7", "--method", "u2pl"])
+    r = runner.invoke(app, ["train", "--preset", "supervised_r18-os16_1x4-400it_demo-96", "--dry-run", "--iters", "7", "--method", "u2pl"])
     assert r.exit_code == 0, r.output
     assert 'method = "u2pl"' in r.stdout and "iters = 7" in r.stdout and "[u2pl]" in r.stdout
 
