@@ -129,3 +129,18 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(demo_root: Path, 
     # The checkpoint is written once, by rank 0, without DDP prefixes.
     ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert not any(k.startswith("module.") or ".module." in k for k in ckpt["inference_state"])
+
+
+def test_a_value_logged_on_some_steps_is_averaged_over_those_steps_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Supervised.training_step
+
+    def sometimes(self, labeled, unlabeled, step):  # type: ignore[no-untyped-def]
+        losses = original(self, labeled, unlabeled, step)
+        if step % 2 == 0:
+            losses["only_even"] = torch.tensor(1.0)
+        return losses
+
+    monkeypatch.setattr(Supervised, "training_step", sometimes)
+    train(_cfg(demo_root, tmp_path / "r", "train.log_interval=4"), progress=False)
+    rec = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"only_even"' in l]
+    assert rec and rec[0]["only_even"] == 1.0

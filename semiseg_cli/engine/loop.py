@@ -265,6 +265,7 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
 
     last_metrics: dict[str, Any] | None = None
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     n_logged = 0
     t0 = time.perf_counter()
     bar = _progress(console, enabled=progress and main)
@@ -291,7 +292,8 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
                     (loss / accum).backward()
                 for k, v in losses.items():
                     v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                    sums[k] = sums.get(k, 0.0) + v / accum  # type: ignore[operator]
+                    sums[k] = sums.get(k, 0.0) + v  # type: ignore[operator]
+                    counts[k] = counts.get(k, 0) + 1
             distributed.average_gradients(other_params)
             for spec in specs:
                 if step % spec.every == 0:
@@ -302,13 +304,14 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
             n_logged += 1
             done = step + 1
             if done % cfg.train.log_interval == 0 or done == total:
-                rec = {"step": done, **{k: round(float(v) / n_logged, 6) for k, v in sums.items()}}
+                # Per-key counts: a method may log a value only on some steps (e.g. when masks exist).
+                rec = {"step": done, **{k: round(float(v) / counts[k], 6) for k, v in sums.items()}}
                 rec["lr"] = specs[0].optimizer.param_groups[0]["lr"]
                 rec["it_per_s"] = round(n_logged / max(time.perf_counter() - t0, 1e-9), 4)
                 rec.update(method.extra_log())
                 log.write(rec)
                 bar.update(task, info=f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['it_per_s']:.2f} it/s")
-                sums, n_logged, t0 = {}, 0, time.perf_counter()
+                sums, counts, n_logged, t0 = {}, {}, 0, time.perf_counter()
             bar.update(task, completed=done)
             val_due = cfg.train.val_interval and done % cfg.train.val_interval == 0
             if val_due or done == total:
