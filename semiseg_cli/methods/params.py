@@ -93,34 +93,76 @@ class AdvSemiSegParams(_Params):
 
 
 class DuPLParams(_Params):
-    """DuPL (CVPR 2024), weakly supervised from image-level tags."""
+    """DuPL (CVPR 2024), weakly supervised from image-level tags. See docs/methods_dupl.md.
 
+    Paper values unless a comment says otherwise; "code" marks the official implementation's
+    choice where it differs (reachable, not the default).
+    """
+
+    # Paper: ViT-B/16 (DeiT-B, ImageNet-1k). "cnn" uses model.backbone/output_stride/pretrained
+    # so DuPL runs on a CPU; it is the default because a randomly initialised ViT learns nothing
+    # useful in a CPU budget. VOC/COCO presets set "vit_b_16" with vit_pretrained.
     backbone: Literal["vit_b_16", "cnn"] = "cnn"
-    vit_pretrained: str | None = None  # "imagenet" or a path to a DeiT-B/ViT-B state dict
-    aux_layer: int = -3  # auxiliary classifier on the 3rd-last block
-    seg_channels: int = 512
-    seg_dilation: int = 5
-    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
-    tau_low: float = 0.25
-    tau_high_start: float = 0.70
-    tau_high_end: float = 0.55
-    per_class_tau: bool = False  # official code: keep 0.70 for some classes, max over classes
-    fixed_tau_classes: tuple[int, ...] = ()
-    par_iters: int = Field(10, ge=0)
+    vit_pretrained: str | None = None  # "imagenet" (torchvision ViT-B/16) or a DeiT-B/ViT-B state dict path
+    aux_layer: int = -3  # ViT block of the auxiliary classifier (3rd-last); the CNN uses its "mid" features
+    seg_channels: int = Field(512, ge=1)  # LargeFOV width
+    seg_dilation: int = Field(5, ge=1)
+    # Which segmentation head `eval` uses: sub-net 1 (official evaluation) or the mean of both.
+    inference: Literal["net1", "mean"] = "net1"
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # each with its horizontal flip
+    tau_low: float = Field(0.25, ge=0, le=1)
+    tau_high_start: float = Field(0.70, ge=0, le=1)  # cosine descent from seg_start to the last step
+    tau_high_end: float = Field(0.55, ge=0, le=1)
+    # Code: per-class targets (fixed_tau_classes keep tau_high_start) and an image's threshold is
+    # the max over its tags. VOC code recipe: per_class_tau=true, fixed_tau_classes=[1,2,3,4,9,19].
+    per_class_tau: bool = False
+    fixed_tau_classes: tuple[int, ...] = ()  # dataset class ids (1..C-1)
+    par_iters: int = Field(10, ge=0)  # 0 disables the refinement
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-    par_w1: float = 0.3
-    par_w2: float = 0.01
-    discrepancy: Literal["paper", "code"] = "paper"  # -log(1-cos) | 1+cos per channel
-    discrepancy_weight: float = 0.1
-    seg_weight: float = 0.2
-    seg_start: int = Field(2000, ge=0)
+    par_w1: float = Field(0.3, gt=0)
+    par_w2: float = Field(0.01, ge=0)
+    par_downscale: int = Field(2, ge=1)  # code refines at half resolution
+    discrepancy: Literal["paper", "code"] = "paper"  # -log(1 - cos) | 1 + cos; cosine per channel
+    discrepancy_weight: float = Field(0.1, ge=0)
+    seg_weight: float = Field(0.2, ge=0)
+    seg_start: int = Field(2000, ge=0)  # cross pseudo-supervision (and the tau_h descent) start here
+    # "ce": plain cross-entropy over labelled pixels; "balanced" (code): mean of the background CE
+    # and the foreground CE, so background does not dominate.
+    seg_loss: Literal["ce", "balanced"] = "ce"
     consistency: bool = True
-    consistency_weight: float = 0.05
-    consistency_thresh: float = 0.9
+    consistency_weight: float = Field(0.05, ge=0)
+    consistency_thresh: float = Field(0.9, ge=0, le=1)  # clean-view confidence for a target
+    # Strong view: RandAugment colour ops (n ops of magnitude m out of 30; code n=5, m=10), then a
+    # horizontal flip (code: always) and a resize (code: 0.75).
+    strong_ops: int = Field(5, ge=0)
+    strong_magnitude: float = Field(10.0, ge=0, le=30)
+    strong_flip_prob: float = Field(1.0, ge=0, le=1)
+    strong_scale: float = Field(0.75, gt=0, le=2)
     gmm: bool = True
-    gmm_start: int = Field(8000, ge=0)  # consistency also starts here
-    gmm_eta: float = 1.0
-    gmm_gamma: float = 0.9  # paper 0.9, code 0.95
-    gmm_min_pixels: int = Field(0, ge=0)  # code: 1000
-    gmm_min_loss: float = 0.0  # code: 0.1
-    gmm_iters: int = Field(30, ge=1)
+    gmm_start: int = Field(8000, ge=0)  # noise filtering and consistency start here (not before seg_start)
+    gmm_eta: float = Field(1.0, ge=0)  # filter only if mu_noisy - mu_clean > eta
+    gmm_gamma: float = Field(0.9, ge=0, le=1)  # paper 0.9, code 0.95
+    gmm_min_pixels: int = Field(0, ge=0)  # code: 1000 (fit only with more foreground pixels than this); 0 = off
+    gmm_min_loss: float = Field(0.0, ge=0)  # code: 0.1 (fit only on losses above this); 0 = off
+    gmm_iters: int = Field(10, ge=1)  # EM iterations (code: sklearn max_iter=10)
+    gmm_reg: float = Field(5e-4, gt=0)  # added to the variances (code: sklearn reg_covar)
+    # Not in paper or code: never flag pixels whose loss is below the clean component's mean
+    # (a Gaussian-tail artefact can flag near-zero losses when the clean component is narrow).
+    gmm_guard_low: bool = False
+    # Compute the CAM pseudo-labels before seg_start too, only to log their mIoU against gt_mask
+    # (costs the multi-scale CAM passes on every step of the warm-up).
+    log_cam_miou: bool = True
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "DuPLParams":
+        if not self.tau_low < self.tau_high_end <= self.tau_high_start:
+            raise ValueError(
+                f"need tau_low < tau_high_end <= tau_high_start (got {self.tau_low}, {self.tau_high_end}, {self.tau_high_start})"
+            )
+        if not self.cam_scales or min(self.cam_scales) <= 0:
+            raise ValueError("cam_scales must be a non-empty list of positive scales")
+        if self.par_iters and (not self.par_dilations or min(self.par_dilations) < 1):
+            raise ValueError("par_dilations must be a non-empty list of positive integers (or par_iters = 0)")
+        if self.fixed_tau_classes and not self.per_class_tau:
+            raise ValueError("fixed_tau_classes only applies with per_class_tau = true")
+        return self

@@ -1,0 +1,372 @@
+"""DuPL: dual students with trustworthy progressive learning (CVPR 2024), image-level tags only.
+
+One training step, top to bottom (see docs/methods_dupl.md for paper-vs-code choices):
+1. Each sub-net's CAMs (multi-scale + flip, normalised, tag-masked) become pseudo-labels:
+   background below tau_l, foreground above tau_h (cosine 0.70 -> 0.55 after `seg_start`),
+   ignore between, after PAR refinement against the image.
+2. One forward of both sub-nets (plus, once consistency is on, the strong view's segmentation).
+3. Classification: multilabel soft margin on both sub-nets' main and auxiliary classifiers.
+   Discrepancy: push the two backbones' features apart, stop-gradient on the other branch.
+4. From `seg_start`: cross supervision, sub-net 1's labels train sub-net 2's head and vice versa.
+   From `gmm_start`: before that, each label map loses the foreground pixels that a per-image
+   two-Gaussian fit of its own sub-net's losses calls noisy; and the ignored pixels get a
+   consistency loss (strong view vs. the clean view's confident predictions).
+
+Masks never reach a loss: the loop moves them to `gt_mask`, used only to log the mIoU of the
+pseudo-labels. Class 0 is background; CAMs exist for classes 1..C-1.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg_cli.engine import distributed
+from semiseg_cli.errors import UserError
+from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
+from semiseg_cli.methods.cam import (
+    IGNORE,
+    PAR,
+    cosine_descent,
+    multi_scale_cam,
+    per_image_tau,
+    pseudo_label_stats,
+    refine_pseudo_labels,
+    tau_high_schedule,
+)
+from semiseg_cli.methods.dupl_net import DualNet, build_dual_net
+from semiseg_cli.methods.gmm import gmm_noise_mask
+
+# ----------------------------------------------------------------------------- losses
+
+
+def discrepancy_term(f: torch.Tensor, other: torch.Tensor, form: str = "paper", eps: float = 1e-6) -> torch.Tensor:
+    """One direction of the discrepancy loss; `other` is detached (stop-gradient).
+
+    The cosine is taken per channel (each channel's spatial map as a vector, as the official
+    code) and averaged over channels and images. paper: -log(1 - cos); code: 1 + cos.
+    """
+    a = f.flatten(2).float()
+    b = other.detach().flatten(2).float()
+    cos = F.cosine_similarity(a, b, dim=-1, eps=1e-6)
+    if form == "code":
+        return (1.0 + cos).mean()
+    if form == "paper":
+        return -torch.log((1.0 - cos).clamp_min(eps)).mean()
+    raise ValueError(f"unknown discrepancy form {form!r}")
+
+
+def discrepancy_loss(f1: torch.Tensor, f2: torch.Tensor, form: str = "paper") -> torch.Tensor:
+    """Symmetric: d(f1, sg f2) + d(f2, sg f1) (the official code sums the two directions)."""
+    return discrepancy_term(f1, f2, form) + discrepancy_term(f2, f1, form)
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, kind: str = "ce", ignore: int = IGNORE) -> torch.Tensor:
+    """Cross-entropy against a pseudo-label map; 0 (still in the graph) when nothing is labelled.
+
+    "balanced" (official code): the mean of the background-pixel CE and the foreground-pixel CE.
+    """
+    ce = F.cross_entropy(logits.float(), label, ignore_index=ignore, reduction="none")
+    valid = label != ignore
+    if kind == "ce":
+        return (ce * valid).sum() / valid.sum().clamp_min(1)
+    bg = label == 0
+    fg = valid & ~bg
+    return 0.5 * ((ce * bg).sum() / (bg.sum() + 1e-6) + (ce * fg).sum() / (fg.sum() + 1e-6))
+
+
+def consistency_loss(
+    strong_logits: torch.Tensor,
+    clean_logits: torch.Tensor,
+    peer_label: torch.Tensor,
+    thresh: float = 0.9,
+    ignore: int = IGNORE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of the strong view against the clean view's argmax, on pixels the peer's pseudo-label
+    leaves ignored (uncertain or filtered) where the clean prediction is confident (> thresh).
+
+    Both logits must be aligned with `peer_label` (B, H, W): flip the strong view back first.
+    Returns (loss, mask); the loss is a sum over the mask divided by its size (0 if empty).
+    """
+    with torch.no_grad():
+        conf, target = torch.softmax(clean_logits.detach().float(), 1).max(1)
+        mask = (peer_label == ignore) & (conf > thresh)
+    ce = F.cross_entropy(strong_logits.float(), target, reduction="none")
+    return (ce * mask).sum() / mask.sum().clamp_min(1), mask
+
+
+# ----------------------------------------------------------------------------- strong view
+
+
+def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL ImageEnhance semantics: factor 0 gives `degenerate`, 1 the image."""
+    return (degenerate + factor * (img - degenerate)).clamp(0, 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel histogram equalisation on 256 levels (a vectorised PIL-like version)."""
+    n, c, h, w = x.shape
+    q = (x * 255).round().long().clamp(0, 255).view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
+    cdf = hist.cumsum(1)
+    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float("inf"))).amin(1, keepdim=True)
+    lut = ((cdf - cdf_min) / (h * w - cdf_min).clamp_min(1)).clamp(0, 1)
+    flat = (cdf_min >= h * w).expand_as(lut)  # a single level: leave the channel alone
+    lut = torch.where(flat, torch.arange(256, device=x.device).float().expand_as(lut) / 255, lut)
+    return lut.gather(1, q).view(n, c, h, w)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+
+
+def _sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device, dtype=x.dtype) / 13.0
+    smooth = F.conv2d(F.pad(x, [1, 1, 1, 1], mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
+    return _blend(smooth, x, factor)
+
+
+def strong_colour_augment(img01: torch.Tensor, n_ops: int = 5, magnitude: float = 10.0) -> torch.Tensor:
+    """RandAugment-style colour perturbation of images in [0, 1], vectorised over the batch.
+
+    Each image gets `n_ops` operations drawn with replacement from: autocontrast, equalize,
+    posterize, color (saturation), contrast, brightness, sharpness (the official code's list)
+    and solarize (added; standard RandAugment). Magnitude m of 30 maps as in the official code:
+    enhance factor 0.1 + 1.8 m/30 (m=10: 0.7), posterize to max(1, int(6 m/30)) bits (m=10: 2),
+    solarize above 1 - m/30.
+    """
+    x = img01.detach().float().clamp(0, 1).clone()
+    v = 0.1 + 1.8 * magnitude / 30.0
+    bits = max(1, int(6 * magnitude / 30.0))
+    thresh = 1.0 - magnitude / 30.0
+    keep = 256 - 2 ** (8 - bits)
+    ops = [
+        _autocontrast,
+        _equalize,
+        lambda t: (((t * 255).round().long().clamp(0, 255) & keep).float() / 255.0),
+        lambda t: _blend(_gray(t), t, v),
+        lambda t: _blend(_gray(t).mean(dim=(1, 2, 3), keepdim=True).expand_as(t), t, v),
+        lambda t: (t * v).clamp(0, 1),
+        lambda t: _sharpness(t, v),
+        lambda t: torch.where(t >= thresh, 1.0 - t, t),
+    ]
+    b = x.shape[0]
+    for _ in range(n_ops):
+        choice = torch.randint(len(ops), (b,))  # on the CPU: no device sync to find the images
+        for k, op in enumerate(ops):
+            idx = (choice == k).nonzero().flatten()
+            if idx.numel():
+                idx = idx.to(x.device)
+                x[idx] = op(x[idx])
+    return x
+
+
+def flip_where(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Horizontally flip the images whose flag is set (its own inverse)."""
+    return torch.where(flags.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+
+
+def denormalize(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+    m = torch.as_tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.float() * s + m
+
+
+@contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm keeps normalising with batch statistics but does not update its running stats
+    (momentum 0): the extra CAM passes at other scales and flips must not drift them."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class DuPL(Method):
+    name = "dupl"
+    uses_tags = True
+    uses_unlabeled = False
+
+    def __init__(self, cfg: Any, num_classes: int, class_names: list[str]) -> None:
+        super().__init__(cfg, num_classes, class_names)
+        p = cfg.dupl
+        self.par = PAR(p.par_dilations, p.par_iters, p.par_w1, p.par_w2) if p.par_iters > 0 else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build_inference_model(cls, cfg: Any, num_classes: int) -> nn.Module:
+        """Both sub-networks; `forward(x)` gives sub-net 1's logits (or the mean, `dupl.inference`)."""
+        return build_dual_net(cfg, num_classes)
+
+    @classmethod
+    def check_config(cls, cfg: Any, num_classes: int) -> None:
+        p = cfg.dupl
+        if num_classes < 2:
+            raise UserError(f"DuPL needs background (class 0) plus at least one foreground class; the dataset has {num_classes}")
+        bad = [c for c in p.fixed_tau_classes if not 1 <= c < num_classes]
+        if bad:
+            raise UserError(f"dupl.fixed_tau_classes {bad} are not foreground class ids 1..{num_classes - 1}")
+        if p.backbone == "vit_b_16":
+            side = min(cfg.data.crop_size)
+            small = min(min(p.cam_scales), p.strong_scale if p.consistency else 1.0)
+            if int(side * small) < 16:
+                raise UserError(
+                    f"data.crop_size {tuple(cfg.data.crop_size)} at scale {small} is under one 16-pixel ViT patch; "
+                    "use larger crops or larger dupl.cam_scales / dupl.strong_scale"
+                )
+
+    def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
+        """cfg.optim over both sub-nets: backbones at lr, classifiers and heads at lr x head_lr_mult.
+
+        DuPL's recipe is AdamW, lr 6e-5, x10 heads, wd 0.01, warm-up 1500 (code) / 2000 (paper)
+        iterations then poly 0.9; set those in the preset (`optim.name = "adamw"`, ...).
+        """
+        return [build_optimizer(distributed.unwrap(self.model), self.cfg.optim, total_iters)]
+
+    # ------------------------------------------------------------------ schedules
+    def _total_iters(self) -> int:
+        return self.ctx.total_iters if self.ctx is not None else self.cfg.train.iters
+
+    def tau_high(self, step: int, fg_tags: torch.Tensor) -> torch.Tensor:
+        """The high threshold for each image (B,) at `step`."""
+        p = self.cfg.dupl
+        total = self._total_iters()
+        value = cosine_descent(p.tau_high_start, p.tau_high_end, step, p.seg_start, total)
+        if not p.per_class_tau:
+            return torch.full((fg_tags.shape[0],), value, device=fg_tags.device)
+        per_cls = tau_high_schedule(step, p.seg_start, total, p.tau_high_start, p.tau_high_end, fg_tags.shape[1], p.fixed_tau_classes)
+        return per_image_tau(per_cls, fg_tags, value)
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def pseudo_labels(self, net: DualNet, x: torch.Tensor, img: torch.Tensor, fg_tags: torch.Tensor, tau_h: torch.Tensor) -> list[torch.Tensor]:
+        """Refined CAM pseudo-labels of sub-net 1 and sub-net 2, (B, H, W) each."""
+        p = self.cfg.dupl
+        out = []
+        with frozen_bn_stats(net):
+            for sub in (net.net1, net.net2):
+                cam = multi_scale_cam(sub.cam, x, p.cam_scales, fg_tags)
+                out.append(refine_pseudo_labels(self.par, img, cam, fg_tags, tau_h, p.tau_low, p.par_downscale))
+        return out
+
+    def training_step(
+        self, labeled: dict[str, Any], unlabeled: dict[str, Any] | None, step: int
+    ) -> dict[str, torch.Tensor]:
+        p, d = self.cfg.dupl, self.cfg.data
+        if "tags" not in labeled:
+            raise KeyError("DuPL needs image-level `tags` in the labeled batch (uses_tags = True)")
+        x = labeled["image"]
+        fg_tags = labeled["tags"][:, 1:].float()
+        gt = labeled.get("gt_mask")
+        b, _, h, w = x.shape
+        seg_on = step >= p.seg_start
+        late = seg_on and step >= p.gmm_start
+        gmm_on, cons_on = late and p.gmm, late and p.consistency
+        net: DualNet = distributed.unwrap(self.model)  # type: ignore[assignment]
+        logs: dict[str, torch.Tensor] = {}
+
+        img = denormalize(x, d.mean, d.std).clamp(0, 1)
+        tau_h = self.tau_high(step, fg_tags)
+        logs["tau_h"] = tau_h.mean()
+        labels: list[torch.Tensor] | None = None
+        if seg_on or (p.log_cam_miou and gt is not None):
+            labels = self.pseudo_labels(net, x, img, fg_tags, tau_h)
+            if gt is not None and gt.shape == labels[0].shape:
+                for i, lab in enumerate(labels, 1):
+                    miou, cover = pseudo_label_stats(lab, gt, self.num_classes, d.ignore_index)
+                    if torch.isfinite(miou):
+                        logs["pl_miou" if i == 1 else "pl_miou_2"] = miou
+                    if i == 1:
+                        logs["pl_cover"] = cover
+
+        strong, flags = None, None
+        if cons_on:
+            flags = torch.rand(b, device=x.device) < p.strong_flip_prob
+            s = strong_colour_augment(img, p.strong_ops, p.strong_magnitude)
+            s = flip_where((s - torch.as_tensor(d.mean, device=x.device).view(1, 3, 1, 1)) / torch.as_tensor(d.std, device=x.device).view(1, 3, 1, 1), flags)
+            if p.strong_scale != 1.0:
+                s = F.interpolate(s, size=(max(1, int(h * p.strong_scale)), max(1, int(w * p.strong_scale))), mode="bilinear", align_corners=False)
+            strong = s.to(x.dtype)
+
+        out = self.model(x, strong=strong, train_outputs=True)  # the one forward DDP sees
+        o1, o2 = out["net1"], out["net2"]
+
+        loss_cls = sum(
+            F.multilabel_soft_margin_loss(o[k].float(), fg_tags) for o in (o1, o2) for k in ("cls", "cls_aux")
+        )
+        loss_dis = discrepancy_loss(o1["feat"], o2["feat"], p.discrepancy)
+        total = loss_cls + p.discrepancy_weight * loss_dis
+        logs["loss_cls"], logs["loss_dis"] = loss_cls.detach(), loss_dis.detach()
+
+        seg1 = F.interpolate(o1["seg"].float(), size=(h, w), mode="bilinear", align_corners=False)
+        seg2 = F.interpolate(o2["seg"].float(), size=(h, w), mode="bilinear", align_corners=False)
+        if seg_on:
+            assert labels is not None
+            lab1, lab2 = labels
+            if gmm_on:
+                lab1, lab2, noise = self.filter_noise([seg1, seg2], [lab1, lab2])
+                logs.update(noise)
+            loss_seg = seg_loss(seg1, lab2, p.seg_loss) + seg_loss(seg2, lab1, p.seg_loss)  # cross supervision
+            total = total + p.seg_weight * loss_seg
+        else:
+            loss_seg = seg1.sum() * 0.0 + seg2.sum() * 0.0  # keeps the heads in the graph for DDP
+            total = total + loss_seg
+        logs["loss_seg"] = loss_seg.detach()
+
+        if cons_on:
+            assert flags is not None
+            loss_cons, frac = total.new_zeros(()), total.new_zeros(())
+            for o, clean, peer in ((o1, seg1, lab2), (o2, seg2, lab1)):
+                # Flip the strong prediction back before comparing it with the clean view.
+                st = F.interpolate(flip_where(o["seg_strong"].float(), flags), size=(h, w), mode="bilinear", align_corners=False)
+                lc, mask = consistency_loss(st, clean, peer, p.consistency_thresh)
+                loss_cons = loss_cons + lc
+                frac = frac + 0.5 * mask.float().mean()
+            logs["cons_frac"] = frac
+            total = total + p.consistency_weight * loss_cons
+            logs["loss_cons"] = loss_cons.detach()
+        logs["loss"] = total
+        return logs
+
+    @torch.no_grad()
+    def filter_noise(self, segs: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Set GMM-flagged foreground pixels of each label map to ignore.
+
+        As the official code, sub-net k's label map is judged by sub-net k's own prediction
+        against it (the map then trains the other sub-net). All images of both maps are fitted
+        in one batched EM.
+        """
+        p = self.cfg.dupl
+        b = labels[0].shape[0]
+        lab = torch.cat(labels, 0)
+        loss = F.cross_entropy(torch.cat(segs, 0).float(), lab, ignore_index=IGNORE, reduction="none").flatten(1)
+        flat = lab.flatten(1)
+        fg = (flat != 0) & (flat != IGNORE)
+        res = gmm_noise_mask(
+            loss, fg, p.gmm_eta, p.gmm_gamma, p.gmm_min_pixels, p.gmm_min_loss, p.gmm_iters, p.gmm_reg, p.gmm_guard_low
+        )
+        filtered = torch.where(res.noise, torch.full_like(flat, IGNORE), flat).view_as(lab)
+        stats = {
+            "noise_frac": res.noise.float().mean(),
+            "noise_frac_fg": res.noise.sum().float() / fg.sum().clamp_min(1),
+            "gmm_active": res.active.float().mean(),
+        }
+        return filtered[:b], filtered[b:], stats
