@@ -1,8 +1,11 @@
 """Time one training step of several methods at the same preset, batch and crop, and eval throughput.
 
 Methods are timed round-robin in one process (warm-up first), so their ratio is measured under
-the same machine load; the median step time of each is reported, with the ratio to the first
-method, the peak GPU memory per image on CUDA, and eval images/s of the inference network.
+the same machine load; the median step time of each is reported (wall clock, and process CPU
+time, which other jobs on a shared machine disturb less), with the ratio to the first method, the
+peak GPU memory per image on CUDA, and eval images/s of the inference network. Every method is
+built from the same preset; the supervised one without the heads only other methods' losses use
+(`SUPERVISED_OVERRIDES`), and `--set` options of another method's section are skipped.
 
     python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-500it_camvid-176x224 \
         --methods supervised,u2pl --device cpu --steps 10
@@ -24,10 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semiseg_cli.config import build_config  # noqa: E402
+from semiseg_cli.config import METHOD_NAMES, build_config  # noqa: E402
 from semiseg_cli.engine.loop import resolve_device  # noqa: E402
 from semiseg_cli.methods import get_method  # noqa: E402
 from semiseg_cli.methods.base import TrainContext  # noqa: E402
+
+SUPERVISED_OVERRIDES = ["model.rep_head=false"]
 
 
 def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: torch.device, seed: int) -> dict[str, Any]:
@@ -48,6 +53,12 @@ def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: tor
 class Runner:
     def __init__(self, method: str, preset: str, overrides: list[str], num_classes: int, device: torch.device, step: int) -> None:
         self.name = method
+        # Another method's options (`--set u2pl.x=...`) do not apply to this one.
+        overrides = [o for o in overrides if o.split(".", 1)[0].strip() not in set(METHOD_NAMES) - {method}]
+        if method == "supervised":
+            # A semi-supervised preset may turn on heads its own losses need (U2PL's `rep_head`);
+            # the supervised baseline would compute them for nothing and make the ratio unfair.
+            overrides = [*overrides, *SUPERVISED_OVERRIDES]
         cfg = build_config(preset, overrides, method)
         self.cfg = cfg
         cls = get_method(method)
@@ -69,12 +80,13 @@ class Runner:
         self.step = step
         self.amp = cfg.train.amp and device.type == "cuda"
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time: less sensitive to other jobs on a shared machine
         self.method.train()
 
     def run(self, record: bool) -> None:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for s in self.specs:
             s.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -86,6 +98,7 @@ class Runner:
         sync()
         if record:
             self.times.append(time.perf_counter() - t0)
+            self.cpu_times.append(time.process_time() - c0)
 
 
 @torch.no_grad()
@@ -134,12 +147,15 @@ def main() -> None:
             if device.type == "cuda" and i == 0:
                 peaks[r.name] = torch.cuda.max_memory_allocated() / 2**20
     base = statistics.median(runners[0].times)
+    base_cpu = statistics.median(runners[0].cpu_times)
     rows = []
     for r in runners:
         med = statistics.median(r.times)
         rows.append({
             "method": r.name, "step_s_median": round(med, 4), "step_s_min": round(min(r.times), 4),
-            "ratio_to_first": round(med / base, 3), "images_per_step": r.images,
+            "ratio_to_first": round(med / base, 3),
+            "cpu_s_median": round(statistics.median(r.cpu_times), 4),
+            "cpu_ratio_to_first": round(statistics.median(r.cpu_times) / base_cpu, 3), "images_per_step": r.images,
             "peak_mem_mib": round(peaks[r.name], 1) if r.name in peaks else None,
             "peak_mem_mib_per_image": round(peaks[r.name] / r.images, 1) if r.name in peaks else None,
             "eval_images_per_s": round(eval_throughput(r, max(2, args.steps // 2)), 2),
@@ -157,7 +173,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"preset": args.preset, "device": str(device), "torch": torch.__version__, "host": platform.node(),
             "cpu_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "steps": args.steps, "overrides": args.overrides, "crop": list(runners[0].cfg.data.crop_size)}
+            "steps": args.steps, "overrides": args.overrides,
+            "supervised_overrides": SUPERVISED_OVERRIDES if "supervised" in args.methods.split(",") else [],
+            "crop": list(runners[0].cfg.data.crop_size)}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

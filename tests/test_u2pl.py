@@ -256,6 +256,40 @@ class TestU2PL(MethodChecks):
         assert log["queue_fill_mean"] > 0 and {f"queue_fill/c{i}" for i in range(4)} <= log.keys()
 
 
+@pytest.mark.parametrize("labeled_keys", ["teacher", "student"])
+def test_labeled_keys_decides_what_the_teacher_sees(labeled_keys: str) -> None:
+    torch.manual_seed(0)
+    overrides = [*FAST, "u2pl.sup_only_iters=1", "u2pl.delta_p=0.0", f'u2pl.labeled_keys="{labeled_keys}"']
+    m = build_method(make_cfg("u2pl", overrides=overrides), 4)
+    m.train()
+    teacher_batches: list[int] = []
+    m.teacher.register_forward_hook(lambda mod, args, out: teacher_batches.append(args[0].shape[0]))
+    student_out: list[dict] = []
+    m.model.register_forward_hook(lambda mod, args, out: student_out.append(out))
+    seen: dict = {}
+    contrastive = m._contrastive
+
+    def spy(rep, prob_l, rep_l, prob_u, rep_u, *rest):  # type: ignore[no-untyped-def]
+        seen.update(prob_l=prob_l, rep_l=rep_l, rep_u=rep_u)
+        return contrastive(rep, prob_l, rep_l, prob_u, rep_u, *rest)
+
+    m._contrastive = spy
+    lab, unl = batches_for(m, 4)  # 2 labeled + 2 unlabeled images
+    losses = m.training_step(lab, unl, 1)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert float(losses["loss_contra"]) > 0 and int(m.bank.fill.sum()) > 0
+    losses["loss"].backward()
+    rep_s = student_out[0]["rep"]
+    assert seen["rep_u"].shape[0] == 2 and seen["rep_l"].shape[0] == 2 and not seen["rep_l"].requires_grad
+    if labeled_keys == "teacher":
+        assert teacher_batches == [4]  # cat(labeled, weak unlabeled), as the paper
+        assert not torch.allclose(seen["rep_l"], rep_s[:2].detach())
+    else:
+        assert teacher_batches == [2]  # the unlabeled images only
+        assert torch.equal(seen["rep_l"], rep_s[:2].detach())
+        assert torch.allclose(seen["prob_l"], torch.softmax(student_out[0]["logits"][:2].detach(), 1))
+
+
 def test_warmup_runs_no_teacher_and_evaluates_the_student() -> None:
     m = build_method(make_cfg("u2pl", overrides=[*FAST, "u2pl.sup_only_iters=2"]), 4)
     m.train()

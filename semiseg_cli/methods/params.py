@@ -53,6 +53,12 @@ class U2PLParams(_Params):
     temperature: float = Field(0.5, gt=0)
     queue_size: int = Field(30000, ge=1)
     queue_size_background: int = Field(50000, ge=1)  # class 0's queue
+    # Where the labeled half of the contrastive inputs (probabilities for the labeled negatives,
+    # features for prototypes and the labeled keys queued) comes from: "teacher" = a teacher
+    # forward over cat(labeled, weak unlabeled), as the paper and official code; "student" = the
+    # student's own forward, detached, so the teacher sees the unlabeled images only (about one
+    # forward pass over B images fewer per step; not the paper's method).
+    labeled_keys: Literal["teacher", "student"] = "teacher"
     # The schedules (p_t and alpha_t) are "per epoch" in the paper; epochs are counted in
     # iterations of this length (0: the unlabeled pool size divided by the unlabeled batch).
     epoch_iters: int = Field(0, ge=0)

@@ -2,9 +2,10 @@
 
 One training step, read top to bottom in `training_step`:
 1. supervised-only warm-up (`sup_only_iters`): labeled CE only, no teacher forward;
-2. teacher (EMA of the student, eval mode, no grad) on cat(labeled, weak unlabeled): softmax ->
-   pseudo-label, confidence, entropy on the unlabeled half; probabilities and stride-4 features
-   on both halves for the contrastive term;
+2. teacher (EMA of the student, eval mode, no grad) on cat(labeled, weak unlabeled): one softmax
+   -> pseudo-label, confidence, entropy on the unlabeled half; probabilities and stride-4
+   features on both halves for the contrastive term (`labeled_keys="student"`: the teacher sees
+   the unlabeled images only and the labeled half comes from the student's forward, detached);
 3. CutMix (probability 0.5, one box of half the image per sample, sample i with (i+1) mod B)
    applied alike to the unlabeled images, pseudo-labels, confidences, entropies, teacher
    probabilities and teacher features;
@@ -154,13 +155,14 @@ class U2PL(Method):
         img_l, mask_l, img_u = labeled["image"], labeled["mask"], unlabeled["image"]
         n_l = img_l.shape[0]
 
-        # -- teacher: pseudo-labels (and, for the contrastive term, features of both halves)
+        # -- teacher: pseudo-labels (and, for the contrastive term, features of both halves unless
+        # the labeled half comes from the student)
+        teacher_labeled = p.contrastive and p.labeled_keys == "teacher"
         with torch.no_grad():
-            t_in = torch.cat([img_l, img_u]) if p.contrastive else img_u
-            t_out = self.teacher(t_in)
-            t_logits = t_out["logits"].float()
-            off = n_l if p.contrastive else 0
-            prob_u = torch.softmax(t_logits[off:], 1)
+            t_out = self.teacher(torch.cat([img_l, img_u]) if teacher_labeled else img_u)
+            # One full-size softmax, shared by the pseudo-labels and the contrastive term.
+            t_prob = torch.softmax(t_out["logits"].float(), 1)
+            prob_u = t_prob[n_l:] if teacher_labeled else t_prob
             conf_u, pl_u = prob_u.max(1)
             ent_u = entropy(prob_u)
             box = None
@@ -184,7 +186,14 @@ class U2PL(Method):
         unreliable = valid_u & (ent_s >= thr[2])
 
         if p.contrastive:
-            loss_c = self._contrastive(out["rep"], t_out, t_logits, mask_l, pl_s, reliable, unreliable, mix, n_l)
+            if teacher_labeled:
+                prob_l, rep_l, rep_u = t_prob[:n_l], t_out["rep"][:n_l], t_out["rep"][n_l:]
+            else:  # the student's training-mode outputs (dropout, batch statistics), detached
+                prob_l = torch.softmax(out["logits"][:n_l].detach().float(), 1)
+                rep_l, rep_u = out["rep"][:n_l].detach(), t_out["rep"]
+            loss_c = self._contrastive(
+                out["rep"], prob_l, rep_l, prob_u, rep_u, mask_l, pl_s, reliable, unreliable, mix
+            )
             loss = loss + p.contrastive_weight * loss_c
         else:
             loss_c = _unused(out)
@@ -207,24 +216,30 @@ class U2PL(Method):
     def _contrastive(
         self,
         rep: Tensor,
-        t_out: dict[str, Tensor],
-        t_logits: Tensor,
+        prob_l: Tensor,
+        rep_l: Tensor,
+        prob_u: Tensor,
+        rep_u: Tensor,
         mask_l: Tensor,
         pl_s: Tensor,
         reliable: Tensor,
         unreliable: Tensor,
         mix: Any,
-        n_l: int,
     ) -> Tensor:
-        """Masks at the representation stride, bank update (gathered across ranks), then the loss."""
+        """Masks at the representation stride, bank update (gathered across ranks), then the loss.
+
+        `rep` is the student's (labeled + strong unlabeled, with grad); `prob_*` (full size) and
+        `rep_*` (stride 4) are the detached keys' sources: the teacher's weak-view outputs for
+        the unlabeled half (mixed here with the CutMix box), the teacher's or the student's for
+        the labeled half (`labeled_keys`)."""
         p, bank = self.p, self.bank
         assert bank is not None
         size = rep.shape[-2:]
+        n_l = prob_l.shape[0]
         with torch.no_grad():
-            prob_small = F.interpolate(torch.softmax(t_logits, 1), size=size, mode="bilinear", align_corners=False)
-            rep_t = t_out["rep"]
-            prob_small = torch.cat([prob_small[:n_l], mix(prob_small[n_l:])])
-            rep_t = torch.cat([rep_t[:n_l], mix(rep_t[n_l:])])
+            down = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+            prob_small = torch.cat([down(prob_l), mix(down(prob_u))])
+            rep_t = torch.cat([rep_l, mix(rep_u)])
             label_l = resize_nearest(mask_l, size)
             lab = torch.cat([label_l, resize_nearest(pl_s, size)])
             valid_l = label_l != self.cfg.data.ignore_index
@@ -241,7 +256,7 @@ class U2PL(Method):
             # Queue update before the loss reads it (official order); keys L2-normalised once
             # here since only their direction enters the cosine similarity.
             pix, cls = last_per_class(negative, bank.sizes)
-            keys = F.normalize(rep_t[pix].float(), dim=1)
+            keys = F.normalize(rep_t.index_select(0, pix).float(), dim=1)
             bank.push(distributed.all_gather_cat(keys), distributed.all_gather_cat(cls))
         loss, _ = contrastive_loss(
             rep.permute(0, 2, 3, 1).flatten(0, 2), rep_t, proto, anchor, bank,

@@ -248,9 +248,11 @@ def infonce(anchor: Tensor, positive: Tensor, negatives: Tensor, temperature: fl
     queries. `anchor` (K, Q, D), `positive` (K, D), `negatives` (K, Q, N, D) -> (K,)."""
     a = F.normalize(anchor.float(), dim=-1, eps=1e-8)
     p = F.normalize(positive.float(), dim=-1, eps=1e-8)
-    n = F.normalize(negatives.float(), dim=-1, eps=1e-8)
+    n = negatives.float()
     pos = (a * p[:, None, :]).sum(-1, keepdim=True)  # (K, Q, 1)
-    neg = torch.einsum("kqd,kqnd->kqn", a, n)
+    # (a . n) / max(|n|, eps) is cos(a, F.normalize(n)) without writing a normalised copy of the
+    # negatives, the step's largest tensor (K*Q*N*D: 21*256*50*256 floats = 275 MB on VOC).
+    neg = torch.einsum("kqd,kqnd->kqn", a, n) / torch.linalg.vector_norm(n, dim=-1).clamp(min=1e-8)
     logits = torch.cat([pos, neg], -1) / temperature
     return (torch.logsumexp(logits, -1) - logits[..., 0]).mean(-1)
 
@@ -285,17 +287,19 @@ class MemoryBank(nn.Module):
         class receiving more than its size keeps only its newest `size` keys."""
         if classes.numel() == 0:
             return
+        # Only the (small) index tensors are sorted and filtered; the keys are gathered once, as
+        # whole rows, and written with index_copy_ (the slots are distinct within one push).
         order = torch.sort(classes, stable=True).indices
-        keys, classes = keys[order], classes[order]
+        classes = classes[order]
         counts = torch.bincount(classes, minlength=self.num_classes)
         start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(classes.numel(), device=classes.device) - start[classes]
         dropped = (counts - self.sizes).clamp(min=0)
-        keep = rank >= dropped[classes]
+        keep = (rank >= dropped[classes]).nonzero().flatten()
         c = classes[keep]
         j = rank[keep] - dropped[c]
         pos = self.offsets[c] + (self.ptr[c] + j) % self.sizes[c]
-        self.bank[pos] = keys[keep].to(self.bank.dtype)
+        self.bank.index_copy_(0, pos, keys.index_select(0, order[keep]).to(self.bank.dtype))
         written = torch.minimum(counts, self.sizes)
         self.ptr.copy_((self.ptr + written) % self.sizes)
         self.fill.copy_(torch.minimum(self.fill + counts, self.sizes))
@@ -316,7 +320,8 @@ class MemoryBank(nn.Module):
         r = torch.rand(classes.numel(), n, device=self.bank.device)
         idx = self.offsets[classes, None] + (r * f[:, None]).long()
         idx = torch.minimum(idx, (self.offsets[classes] + f - 1)[:, None])
-        return self.bank[idx]
+        # index_select copies whole rows (faster than advanced indexing on the CPU).
+        return self.bank.index_select(0, idx.flatten()).view(*idx.shape, -1)
 
 
 def contrastive_loss(
@@ -342,12 +347,11 @@ def contrastive_loss(
     n_valid = valid.sum()
     idx, has_anchor = sample_anchors(anchor_mask, num_queries)
     active = (valid & has_anchor & (bank.fill > 0)).nonzero().flatten()
-    zero = rep.sum() * 0.0
     if active.numel() == 0:
-        return zero, n_valid
-    anchors = rep[idx[active]]  # (K, Q, D), keeps the graph to the student
+        return rep.sum() * 0.0, n_valid
+    anchors = rep.index_select(0, idx[active].flatten()).view(active.numel(), num_queries, -1)  # (K, Q, D), with grad
     negatives = bank.sample(active, num_queries * num_negatives).view(active.numel(), num_queries, num_negatives, -1)
     per_class = infonce(anchors, protos[active], negatives, temperature)
     loss = per_class.sum() / n_valid.clamp(min=1)
-    loss = torch.where(n_valid > 1, loss, torch.zeros_like(loss))
-    return loss + zero, n_valid
+    loss = torch.where(n_valid > 1, loss, torch.zeros_like(loss))  # still depends on `rep`
+    return loss, n_valid
