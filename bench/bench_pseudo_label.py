@@ -8,7 +8,10 @@
 entropy, thresholds, per-class counts, the device-to-host copies and PNG/JSON writing (in
 threads, overlapping the next batch). Goal: pseudo-label time within 1.2x of pure inference.
 Both loops are timed from the first batch to the last file written (checkpoint loading, the
-weights hash and the header scan are reported apart, as setup). Writes a table and
+weights hash and the header scan are reported apart, as setup), in wall time and in CPU time
+(process + DataLoader workers), best of `--repeats` interleaved runs. On a shared, oversubscribed
+CPU, torch's default intra-op threads spin against other jobs and wall times swing 3x between
+identical runs: `--threads 1 --workers 1` gives repeatable numbers there. Writes a table and
 bench/results/pseudo_label_<device>.json.
 """
 
@@ -140,14 +143,11 @@ def main() -> None:
 
         def pl(name: str, **kw: Any) -> dict[str, Any]:
             s = PseudoLabelSettings(batch_size=args.batch_size, workers=args.workers, **kw)
-            t, c = time.perf_counter(), cpu_seconds()
+            t = time.perf_counter()
             r = run_pseudo_label(ckpt, split, work / "pl" / name.replace(" ", "_"), root=root, settings=s,
                                  device=str(device), overwrite=True)
             total = time.perf_counter() - t
-            # CPU time includes setup (checkpoint load, weights hash, header scan): subtract it
-            # as measured in wall time, which is CPU-bound single-threaded work.
-            cpu = cpu_seconds() - c - (total - r.seconds)
-            return {"variant": name, "images": r.processed, "loop_s": r.seconds, "cpu_s": cpu, "setup_s": total - r.seconds}
+            return {"variant": name, "images": r.processed, "loop_s": r.seconds, "cpu_s": r.cpu_seconds, "setup_s": total - r.seconds}
 
         variants: dict[str, dict[str, Any]] = {
             "png": {},
@@ -184,7 +184,7 @@ def main() -> None:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     table.caption = (f"goal: pseudo-label within 1.2x of pure inference; best of {args.repeats} interleaved runs; "
                      f"load average at the end {load} on {os.cpu_count()} cores")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     result = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

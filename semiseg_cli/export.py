@@ -209,6 +209,8 @@ def run_export(
     overwrite: bool = False,
     console: Any = None,
 ) -> ExportReport:
+    if weights not in ("auto", "teacher", "student"):
+        raise UserError(f"--weights must be auto, teacher or student (got {weights!r})")
     if exporter not in EXPORTERS:
         raise UserError(f"--exporter must be dynamo or legacy (got {exporter!r})")
     if not 7 <= opset <= 23:
