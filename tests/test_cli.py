@@ -125,3 +125,9 @@ def test_eval_errors(tmp_path: Path) -> None:
     assert "cannot be read" in _one_line_error(r)
     r = runner.invoke(app, ["eval", "-c", str(bad), "--mode", "tiles"])
     assert "--mode" in _one_line_error(r)
+
+
+def test_error_messages_keep_square_brackets(tmp_path: Path) -> None:
+    # A message such as "pip install 'semiseg[export]'" must not lose its brackets to markup.
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--set", "data.crop_size=[4, 4]"])
+    assert "[4, 4]" in _one_line_error(r)
