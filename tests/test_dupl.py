@@ -24,6 +24,7 @@ from semiseg_cli.methods.cam import (
     PAR,
     cam_to_label,
     cosine_descent,
+    dilated_neighbours,
     minmax_normalise,
     multi_scale_cam,
     per_image_tau,
@@ -150,6 +151,20 @@ def test_par_keeps_a_constant_map_constant() -> None:
     par = PAR((1, 2, 4), iters=10)
     out = par(torch.rand(1, 3, 12, 16), torch.full((1, 2, 12, 16), 0.3))
     assert torch.allclose(out, torch.full_like(out, 0.3), atol=1e-5)
+
+
+def test_par_propagation_equals_the_neighbour_stack_formula() -> None:
+    torch.manual_seed(0)
+    par = PAR((1, 3), iters=1)
+    img, maps = torch.rand(2, 3, 9, 11), torch.rand(2, 4, 9, 11)
+    aff = par.affinity(img)
+    assert torch.allclose(aff.sum(2), torch.ones(2, 1, 9, 11), atol=1e-5)
+    expect = (dilated_neighbours(maps, (1, 3)) * aff).sum(2)
+    assert torch.allclose(par(img, maps), expect, atol=1e-5)
+    # neighbour order: offset (-1, -1) at dilation 3 is the pixel 3 up and 3 left (edge-replicated)
+    nb = dilated_neighbours(maps, (1, 3))
+    assert torch.equal(nb[:, :, 8, 5, 6], maps[:, :, 2, 3])
+    assert torch.equal(nb[:, :, 8, 0, 0], maps[:, :, 0, 0])
 
 
 def test_par_spreads_within_a_region_but_not_across_an_edge() -> None:
