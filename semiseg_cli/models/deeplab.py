@@ -39,6 +39,22 @@ def _init_head(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _init_classifier(conv: nn.Conv2d) -> None:
+    """Small init for a final 1x1 conv that outputs class scores (no BN after it).
+
+    Kaiming fan_out suits convs followed by BN + ReLU. On a classifier it gives std
+    sqrt(2 / num_classes) (0.43 for 11 classes), so the first logits are large and the loss
+    starts near 5 instead of ln(C). The large gradients that follow reach the pretrained
+    backbone at its full LR and wipe out its features in the first few dozen steps: on
+    CamVid (MobileNetV2, 46 labels) it cost about 8 val mIoU after 60 iterations and the
+    500-iteration baseline ended at 23 mIoU, below a linear probe on the frozen features.
+    Normal(0, 0.01) with zero bias is what DeepLab-v2 and mmseg's `conv_seg` use.
+    """
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class SegModel(nn.Module):
     """Base of every segmentation network: a `backbone` attribute, a dict-returning forward.
 
@@ -134,6 +150,10 @@ class DeepLabV3Plus(SegModel):
         for m in (self.aspp, self.low_proj, self.classifier, self.rep, self.aux):
             if m is not None:
                 _init_head(m)
+        # The layers that output class scores get a small init (see `_init_classifier`).
+        _init_classifier(self.classifier[-1])
+        if self.aux is not None:
+            _init_classifier(self.aux[-1])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.backbone(x)
@@ -181,6 +201,7 @@ class DeepLabV2(SegModel):
         self.aux = AuxHead(backbone.mid_channels, num_classes, dropout) if aux_head else None
         if self.aux is not None:
             _init_head(self.aux)
+            _init_classifier(self.aux[-1])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.backbone(x)
