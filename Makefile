@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-500it_camvid-176x224 --device cpu
+	$(PY) bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-300it_camvid-176x224 --device cpu
 
 clean:
 	rm -rf runs splits demo_data .pytest_cache

@@ -7,7 +7,7 @@ peak GPU memory per image on CUDA, and eval images/s of the inference network. E
 built from the same preset; the supervised one without the heads only other methods' losses use
 (`SUPERVISED_OVERRIDES`), and `--set` options of another method's section are skipped.
 
-    python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-500it_camvid-176x224 \
+    python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-300it_camvid-176x224 \
         --methods supervised,u2pl --device cpu --steps 10
 Writes bench/results/train_step_<preset>_<device>.json (or --out).
 """

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
-CAMVID=u2pl_mbv2-os16_1x4+4-500it_camvid-176x224
+CAMVID=u2pl_mbv2-os16_1x4+4-300it_camvid-176x224
 DEMO=u2pl_r18-os16_1x4+4-400it_demo-96
 R=bench/results
 bench() { $PY bench/bench_train_step.py --methods supervised,u2pl --device cpu --steps 6 "$@"; }

@@ -52,7 +52,7 @@ def test_method_section_is_chosen_by_the_method_field() -> None:
 
 
 def test_switching_method_keeps_the_shared_sections() -> None:
-    cfg = build_config("supervised_mbv2-os16_1x4-500it_camvid-176x224", ["train.iters=7"], "u2pl")
+    cfg = build_config("supervised_mbv2-os16_1x4-300it_camvid-176x224", ["train.iters=7"], "u2pl")
     assert cfg.method == "u2pl" and cfg.data.dataset == "camvid" and cfg.train.iters == 7
 
 
