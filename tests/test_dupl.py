@@ -316,6 +316,52 @@ def test_inference_model_round_trip() -> None:
     assert not any(k.startswith("backbone.") for k in fresh.state_dict())  # not registered twice
 
 
+def test_single_net_baseline_step_trains_net1_on_its_own_labels() -> None:
+    torch.manual_seed(0)
+    C = 4
+    cfg = make_cfg(single_net=True, seg_start=0, gmm_start=0, cam_scales=(1.0,), par_dilations=(1, 2))
+    M = get_method("dupl")
+    M.check_config(cfg, C)
+    method = M(cfg, C, ["bg", "a", "b", "c"])
+    net: DualNet = method.model  # type: ignore[assignment]
+    assert net.net2 is None and len(net.subnets) == 1
+    assert not any(k.startswith("net2.") for k in method.state_dict())
+    n_params = sum(p.numel() for p in method.parameters())
+    dual = M(make_cfg(), C, ["bg", "a", "b", "c"])
+    assert n_params * 2 == sum(p.numel() for p in dual.parameters())
+    specs = method.configure_optimizers(cfg.train.iters)
+    assert sum(p.numel() for g in specs[0].optimizer.param_groups for p in g["params"]) == n_params
+    tags = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    batch = {"image": torch.randn(2, 3, 64, 64), "tags": tags, "gt_mask": torch.randint(0, C, (2, 64, 64))}
+    method.train()
+    losses = method.training_step(batch, None, 0)
+    assert "loss_dis" not in losses and "pl_miou_2" not in losses
+    for key in ("loss", "loss_cls", "loss_seg", "loss_cons", "noise_frac", "pl_miou"):
+        assert key in losses and torch.isfinite(losses[key]), key
+    # Own supervision: the segmentation term equals the head's CE against its own (filtered) labels.
+    seen: dict[str, Any] = {}
+    orig = method.filter_noise
+    method.filter_noise = lambda segs, labels: seen.setdefault("r", orig(segs, labels))  # type: ignore[method-assign]
+    torch.manual_seed(1)
+    losses = method.training_step(batch, None, 0)
+    (lab,), _ = seen["r"]
+    with torch.no_grad():
+        seg = F.interpolate(net.net1(batch["image"])["seg"], size=(64, 64), mode="bilinear", align_corners=False)
+    assert float(losses["loss_seg"]) == pytest.approx(float(seg_loss(seg, lab)), rel=1e-4)
+    losses["loss"].backward()
+    sub = net.net1
+    for part in (sub.backbone.conv1, sub.backbone.layer4, sub.classifier, sub.aux_classifier, sub.seg_head.conv8):
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    # The inference model rebuilds from the config (one sub-net) and loads the state.
+    fresh = M.build_inference_model(cfg, C).eval()
+    fresh.load_state_dict(method.inference_model().state_dict())  # strict: same structure
+    x = torch.randn(1, 3, 48, 40)
+    assert torch.allclose(fresh(x)["logits"], method.eval().inference_model()(x)["logits"])
+    with pytest.raises(UserError, match="single_net"):
+        make_cfg(single_net=True, inference="mean")
+
+
 def test_check_config_and_params_errors() -> None:
     M = get_method("dupl")
     with pytest.raises(UserError, match="background"):

@@ -58,7 +58,8 @@ def _calibrate(path: Path, out: Path, root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ckpts(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{"raw": 2 iterations from scratch (saturated logits), "calibrated": the same, settled BN}."""
+    """{"raw": 2 iterations from scratch, "calibrated": the same with settled BN, "saturated": calibrated
+    with its class scores scaled by 1e6}."""
     from semiseg_cli.config import build_config
     from semiseg_cli.engine.loop import train
 
@@ -69,7 +70,21 @@ def ckpts(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     ], "supervised")
     train(cfg, progress=False)
     _calibrate(out / "best.pt", out / "calibrated.pt", demo_root)
-    return {"raw": out / "best.pt", "calibrated": out / "calibrated.pt"}
+    _saturate(out / "calibrated.pt", out / "saturated.pt")
+    return {"raw": out / "best.pt", "calibrated": out / "calibrated.pt", "saturated": out / "saturated.pt"}
+
+
+def _saturate(path: Path, out: Path) -> None:
+    """The calibrated checkpoint with its class-score conv scaled by 1e6: logits far beyond
+    float16's range (65504), whatever the short training run left them at."""
+    from semiseg_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    state = ckpt["inference_state"]
+    last = [k for k in state if k.startswith("classifier.") and k.endswith(".weight")][-1]
+    state[last] = state[last] * 1e6
+    state[last.replace(".weight", ".bias")] = state[last.replace(".weight", ".bias")] * 1e6
+    save_checkpoint(out, {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "semiseg_version")})
 
 
 def _torch_logits(ckpt: Path, x: torch.Tensor) -> np.ndarray:
@@ -130,9 +145,11 @@ def test_fp16_legacy_exporter_halves_the_file_and_still_agrees(ckpts: dict[str, 
 
 
 def test_a_failed_check_exits_4_and_writes_nothing(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    # 2 iterations from scratch: logits ~1e7 overflow float16 to inf; the check must catch it.
+    # Logits ~1e6 times the calibrated ones overflow float16 to inf; the check must catch it.
+    x = torch.randn(1, 3, 40, 48)
+    assert np.abs(_torch_logits(ckpts["saturated"], x)).max() > 65504  # the premise: float16 overflows
     path = tmp_path / "bad.onnx"
-    code, output = invoke("export", "-c", ckpts["raw"], "--onnx", path, "--fp16", "--exporter", "legacy")
+    code, output = invoke("export", "-c", ckpts["saturated"], "--onnx", path, "--fp16", "--exporter", "legacy")
     assert code == 4
     assert "non-finite" in error_line(output) and "drop --fp16" in error_line(output)
     assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,10 @@ One training step, top to bottom (see docs/methods_dupl.md for paper-vs-code cho
    two-Gaussian fit of its own sub-net's losses calls noisy; and the ignored pixels get a
    consistency loss (strong view vs. the clean view's confident predictions).
 
+`dupl.single_net` is the single-network weak baseline, not DuPL: only sub-net 1 exists, its head
+learns from its own pseudo-labels (no cross supervision) and there is no discrepancy loss; the
+other terms run as configured.
+
 Masks never reach a loss: the loop moves them to `gt_mask`, used only to log the mIoU of the
 pseudo-labels. Class 0 is background; CAMs exist for classes 1..C-1.
 """
@@ -213,7 +217,8 @@ class DuPL(Method):
     # ------------------------------------------------------------------ construction
     @classmethod
     def build_inference_model(cls, cfg: Any, num_classes: int) -> nn.Module:
-        """Both sub-networks; `forward(x)` gives sub-net 1's logits (or the mean, `dupl.inference`)."""
+        """Both sub-networks (only sub-net 1 with `dupl.single_net`); `forward(x)` gives sub-net 1's
+        logits (or the mean, `dupl.inference`)."""
         return build_dual_net(cfg, num_classes)
 
     @classmethod
@@ -258,11 +263,12 @@ class DuPL(Method):
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def pseudo_labels(self, net: DualNet, x: torch.Tensor, img: torch.Tensor, fg_tags: torch.Tensor, tau_h: torch.Tensor) -> list[torch.Tensor]:
-        """Refined CAM pseudo-labels of sub-net 1 and sub-net 2, (B, H, W) each."""
+        """Refined CAM pseudo-labels of sub-net 1 and sub-net 2 (only sub-net 1's with
+        `single_net`), (B, H, W) each."""
         p = self.cfg.dupl
         out = []
         with frozen_bn_stats(net):
-            for sub in (net.net1, net.net2):
+            for sub in net.subnets:
                 cam = multi_scale_cam(sub.cam, x, p.cam_scales, fg_tags)
                 out.append(refine_pseudo_labels(self.par, img, cam, fg_tags, tau_h, p.tau_low, p.par_downscale))
         return out
@@ -307,39 +313,42 @@ class DuPL(Method):
             strong = s.to(x.dtype)
 
         out = self.model(x, strong=strong, train_outputs=True)  # the one forward DDP sees
-        o1, o2 = out["net1"], out["net2"]
+        outs = [out["net1"]] if p.single_net else [out["net1"], out["net2"]]
 
-        loss_cls = sum(
-            F.multilabel_soft_margin_loss(o[k].float(), fg_tags) for o in (o1, o2) for k in ("cls", "cls_aux")
-        )
-        loss_dis = discrepancy_loss(o1["feat"], o2["feat"], p.discrepancy)
-        total = loss_cls + p.discrepancy_weight * loss_dis
-        logs["loss_cls"], logs["loss_dis"] = loss_cls.detach(), loss_dis.detach()
+        loss_cls = sum(F.multilabel_soft_margin_loss(o[k].float(), fg_tags) for o in outs for k in ("cls", "cls_aux"))
+        total = loss_cls
+        logs["loss_cls"] = loss_cls.detach()
+        if not p.single_net:
+            loss_dis = discrepancy_loss(outs[0]["feat"], outs[1]["feat"], p.discrepancy)
+            total = total + p.discrepancy_weight * loss_dis
+            logs["loss_dis"] = loss_dis.detach()
 
-        seg1 = F.interpolate(o1["seg"].float(), size=(h, w), mode="bilinear", align_corners=False)
-        seg2 = F.interpolate(o2["seg"].float(), size=(h, w), mode="bilinear", align_corners=False)
+        segs = [F.interpolate(o["seg"].float(), size=(h, w), mode="bilinear", align_corners=False) for o in outs]
+        peers: list[torch.Tensor] = []  # the label map that supervises each sub-net's head
         if seg_on:
             assert labels is not None
-            lab1, lab2 = labels
             if gmm_on:
-                lab1, lab2, noise = self.filter_noise([seg1, seg2], [lab1, lab2])
+                labels, noise = self.filter_noise(segs, labels)
                 logs.update(noise)
-            loss_seg = seg_loss(seg1, lab2, p.seg_loss) + seg_loss(seg2, lab1, p.seg_loss)  # cross supervision
+            # Cross supervision: sub-net 1's labels train sub-net 2 and vice versa; the
+            # single-network baseline trains on its own labels.
+            peers = labels if p.single_net else [labels[1], labels[0]]
+            loss_seg = sum(seg_loss(sg, lab, p.seg_loss) for sg, lab in zip(segs, peers))
             total = total + p.seg_weight * loss_seg
         else:
-            loss_seg = seg1.sum() * 0.0 + seg2.sum() * 0.0  # keeps the heads in the graph for DDP
+            loss_seg = sum(sg.sum() * 0.0 for sg in segs)  # keeps the heads in the graph for DDP
             total = total + loss_seg
         logs["loss_seg"] = loss_seg.detach()
 
         if cons_on:
             assert flags is not None
             loss_cons, frac = total.new_zeros(()), total.new_zeros(())
-            for o, clean, peer in ((o1, seg1, lab2), (o2, seg2, lab1)):
+            for o, clean, peer in zip(outs, segs, peers):
                 # Flip the strong prediction back before comparing it with the clean view.
                 st = F.interpolate(flip_where(o["seg_strong"].float(), flags), size=(h, w), mode="bilinear", align_corners=False)
                 lc, mask = consistency_loss(st, clean, peer, p.consistency_thresh)
                 loss_cons = loss_cons + lc
-                frac = frac + 0.5 * mask.float().mean()
+                frac = frac + mask.float().mean() / len(outs)
             logs["cons_frac"] = frac
             total = total + p.consistency_weight * loss_cons
             logs["loss_cons"] = loss_cons.detach()
@@ -347,12 +356,12 @@ class DuPL(Method):
         return logs
 
     @torch.no_grad()
-    def filter_noise(self, segs: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def filter_noise(self, segs: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Set GMM-flagged foreground pixels of each label map to ignore.
 
         As the official code, sub-net k's label map is judged by sub-net k's own prediction
-        against it (the map then trains the other sub-net). All images of both maps are fitted
-        in one batched EM.
+        against it (the map then trains the other sub-net). All images of all maps are fitted
+        in one batched EM; one map each with `single_net`.
         """
         p = self.cfg.dupl
         b = labels[0].shape[0]
@@ -369,4 +378,4 @@ class DuPL(Method):
             "noise_frac_fg": res.noise.sum().float() / fg.sum().clamp_min(1),
             "gmm_active": res.active.float().mean(),
         }
-        return filtered[:b], filtered[b:], stats
+        return list(filtered.split(b, 0)), stats

@@ -235,32 +235,43 @@ class DuPLSubNet(nn.Module):
 
 
 class DualNet(nn.Module):
-    """The two sub-networks. See the module docstring for the two forward modes."""
+    """The two sub-networks. See the module docstring for the two forward modes.
 
-    def __init__(self, net1: DuPLSubNet, net2: DuPLSubNet, inference: str = "net1") -> None:
+    `net2=None` is the single-network baseline (`dupl.single_net`): no second sub-net is built,
+    the training forward returns only `"net1"`, and `inference="mean"` is refused.
+    """
+
+    def __init__(self, net1: DuPLSubNet, net2: DuPLSubNet | None, inference: str = "net1") -> None:
         super().__init__()
+        if net2 is None and inference == "mean":
+            raise ValueError('inference="mean" needs two sub-nets')
         self.net1, self.net2 = net1, net2
         self.inference = inference
+
+    @property
+    def subnets(self) -> list[DuPLSubNet]:
+        return [self.net1] if self.net2 is None else [self.net1, self.net2]
 
     @property
     def backbone(self) -> nn.ModuleList:
         """Both backbones (not registered twice), so `split_params` puts all of them in the
         backbone LR group. Use `net1.backbone` to run a backbone."""
-        return nn.ModuleList([self.net1.backbone, self.net2.backbone])
+        return nn.ModuleList([n.backbone for n in self.subnets])
 
     def forward(
         self, x: torch.Tensor, strong: torch.Tensor | None = None, train_outputs: bool = False
     ) -> dict[str, Any]:
         if not train_outputs:
             seg = self.net1.segment(x)
-            if self.inference == "mean":
+            if self.inference == "mean" and self.net2 is not None:
                 seg = 0.5 * (seg + self.net2.segment(x))
             return {"logits": F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)}
-        out1, out2 = self.net1(x), self.net2(x)
-        if strong is not None:
-            out1["seg_strong"] = self.net1.segment(strong)
-            out2["seg_strong"] = self.net2.segment(strong)
-        return {"net1": out1, "net2": out2}
+        out: dict[str, Any] = {}
+        for key, sub in zip(("net1", "net2"), self.subnets):
+            out[key] = sub(x)
+            if strong is not None:
+                out[key]["seg_strong"] = sub.segment(strong)
+        return out
 
 
 def _one_backbone(cfg: Any, vit_state_source: str | None) -> nn.Module:
@@ -279,10 +290,12 @@ def _one_backbone(cfg: Any, vit_state_source: str | None) -> nn.Module:
 
 
 def build_dual_net(cfg: Any, num_classes: int) -> DualNet:
-    """Two sub-networks from `cfg.dupl` (backbone kind, head sizes) and `cfg.model` (CNN kind)."""
+    """Two sub-networks (one with `dupl.single_net`) from `cfg.dupl` (backbone kind, head sizes)
+    and `cfg.model` (CNN kind). Training and `build_inference_model` both come through here, so
+    a checkpoint always matches the rebuilt structure."""
     p = cfg.dupl
     nets = [
         DuPLSubNet(_one_backbone(cfg, p.vit_pretrained), num_classes, p.seg_channels, p.seg_dilation)
-        for _ in range(2)
+        for _ in range(1 if p.single_net else 2)
     ]
-    return DualNet(nets[0], nets[1], p.inference)
+    return DualNet(nets[0], None if p.single_net else nets[1], p.inference)

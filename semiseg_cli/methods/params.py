@@ -158,6 +158,11 @@ class DuPLParams(_Params):
     # Compute the CAM pseudo-labels before seg_start too, only to log their mIoU against gt_mask
     # (costs the multi-scale CAM passes on every step of the warm-up).
     log_cam_miou: bool = True
+    # Not DuPL: the single-network weak baseline (step-time and ablation reference). Only sub-net 1
+    # exists; its head learns from its OWN CAM pseudo-labels, no discrepancy loss. Classification,
+    # PAR, tau_h, GMM filtering and consistency stay as configured (gmm=false, consistency=false:
+    # the classic single-branch CAM -> pseudo-label -> segmentation baseline).
+    single_net: bool = False
 
     @model_validator(mode="after")
     def _thresholds(self) -> "DuPLParams":
@@ -171,4 +176,6 @@ class DuPLParams(_Params):
             raise ValueError("par_dilations must be a non-empty list of positive integers (or par_iters = 0)")
         if self.fixed_tau_classes and not self.per_class_tau:
             raise ValueError("fixed_tau_classes only applies with per_class_tau = true")
+        if self.single_net and self.inference == "mean":
+            raise ValueError("inference = \"mean\" needs both sub-nets; single_net = true has only sub-net 1")
         return self
