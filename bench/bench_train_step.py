@@ -9,6 +9,9 @@ built from the same preset; the supervised one without the heads only other meth
 
     python bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-300it_camvid-176x224 \
         --methods supervised,u2pl --device cpu --steps 10
+
+A method entry may be a labelled variant, `LABEL=METHOD+key=value+key=value`, e.g.
+`--methods dupl,single=dupl+dupl.single_net=true+dupl.gmm=false+dupl.consistency=false`.
 Writes bench/results/train_step_<preset>_<device>.json (or --out).
 """
 
@@ -50,9 +53,17 @@ def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: tor
     }
 
 
+def parse_method(spec: str) -> tuple[str, str, list[str]]:
+    """"u2pl" -> ("u2pl", "u2pl", []); "single=dupl+dupl.single_net=true" -> ("single", "dupl", [...])."""
+    label, _, rest = spec.partition("=") if "=" in spec.split("+", 1)[0] else (spec.split("+", 1)[0], "", spec)
+    method, *extra = rest.split("+")
+    return label, method, extra
+
+
 class Runner:
-    def __init__(self, method: str, preset: str, overrides: list[str], num_classes: int, device: torch.device, step: int) -> None:
-        self.name = method
+    def __init__(self, spec: str, preset: str, overrides: list[str], num_classes: int, device: torch.device, step: int) -> None:
+        self.name, method, extra = parse_method(spec)
+        overrides = [*overrides, *extra]
         # Another method's options (`--set u2pl.x=...`) do not apply to this one.
         overrides = [o for o in overrides if o.split(".", 1)[0].strip() not in set(METHOD_NAMES) - {method}]
         if method == "supervised":

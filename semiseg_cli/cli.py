@@ -104,6 +104,7 @@ def prepare_splits_cmd(
     out: Annotated[Path, typer.Option(help="Folder for labeled.txt / unlabeled.txt.")] = Path("splits"),
     seed: Annotated[int, typer.Option(help="Split seed: same seed, byte-identical files.")] = 0,
     split: Annotated[str, typer.Option(help="Training pool (voc: train or train_aug).")] = "train",
+    unlabeled_split: Annotated[Optional[str], typer.Option(help="Add this pool's other images to unlabeled.txt (U2PL's VOC classic: --split train --unlabeled-split train_aug).")] = None,
     tags: Annotated[bool, typer.Option("--tags", help="Also write tags.json (image-level class tags) for weak supervision.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -115,7 +116,9 @@ def prepare_splits_cmd(
 
     amounts = parse_amounts(labeled)
     try:
-        written = prepare_splits(dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags)
+        written = prepare_splits(
+            dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags, unlabeled_split=unlabeled_split
+        )
     except DatasetProblems as e:
         for p in e.problems[:50]:
             err_console.print(f"  - {p}", highlight=False)

@@ -36,6 +36,9 @@ class DataConfig(Section):
     # Pool the labeled/unlabeled split is drawn from, and the split used for validation.
     train_split: str = "train"
     val_split: str = "val"
+    # Another pool whose other images join the unlabeled ones (U2PL's VOC classic setting:
+    # labeled drawn from `train`, the rest of `train_aug` unlabeled). None: only train_split.
+    unlabeled_split: str | None = None
     # Either split files written by `prepare-splits` ...
     labeled_list: str | None = None
     unlabeled_list: str | None = None
@@ -91,6 +94,10 @@ class ModelConfig(Section):
     aspp_dilations: tuple[int, ...] | None = None  # None: (6,12,18) at OS16, (12,24,36) at OS8
     aspp_channels: int = 256
     decoder_channels: int = 256
+    # Layer1 projection width (DeepLab-v3+ paper: 48; U2PL: 256, its heads then take 512 channels)
+    # and the ASPP projection's kernel (paper: 1; U2PL: 3). DeepLab-v3+ only.
+    low_proj_channels: int = Field(48, ge=1)
+    aspp_project_kernel: Literal[1, 3] = 1
     dropout: float = 0.1
     rep_head: bool = False  # U2PL representation head
     rep_dim: int = 256

@@ -198,15 +198,18 @@ def test_colour_masks_are_refused(make_tree: dict, tmp_path: Path) -> None:
 def test_seg_dataset_items(folder_root: Path) -> None:
     fl = get_layout("folder", folder_root)
     pairs = fl.list_pairs("train")[:2] + fl.list_pairs("extra")[:1]
-    tags = {pairs[1][0]: [2]}
-    ds = SegDataset(fl, pairs, EvalTransform((0.5,) * 3, (0.25,) * 3), tags=tags)
+    ds = SegDataset(fl, pairs, EvalTransform((0.5,) * 3, (0.25,) * 3))
     a, b, u = ds[0], ds[1], ds[2]
     assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.float32
     assert a["mask"].dtype == torch.long and a["has_mask"] and a["name"] == pairs[0][0] and a["index"] == 0
     present = sorted(set(a["mask"].unique().tolist()) - {IGNORE})
-    assert a["tags"].tolist() == [1.0 if c in present else 0.0 for c in range(3)]  # from the mask
-    assert b["tags"].tolist() == [0.0, 0.0, 1.0]  # from the tags dict
+    assert a["tags"].tolist() == [1.0 if c in present else 0.0 for c in range(3)]  # no tags given: from the mask
     assert not u["has_mask"] and (u["mask"] == IGNORE).all() and u["tags"].sum() == 0
+    ds.tags = {pairs[1][0]: [2], pairs[2][0]: [1]}
+    assert ds[1]["tags"].tolist() == [0.0, 0.0, 1.0] and ds[2]["tags"].tolist() == [0.0, 1.0, 0.0]  # from the dict
+    with pytest.raises(UserError, match="no tags for"):
+        ds[0]  # given tags are the whole supervision: no fallback to the mask
+    ds.tags = None
     batch = next(iter(DataLoader(ds, batch_size=3)))
     assert batch["image"].shape == (3, 3, 24, 24) and batch["has_mask"].tolist() == [True, True, False]
 

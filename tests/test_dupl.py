@@ -473,3 +473,91 @@ def test_end_to_end_training_through_the_loop(demo_root: Path, tmp_path: Path) -
     ckpt = load_checkpoint(out / "last.pt")
     net = get_method("dupl").build_inference_model(cfg, ckpt["num_classes"])
     net.load_state_dict(ckpt["inference_state"])
+
+
+# ----------------------------------------------------------------------------- user tags file
+
+
+def _user_tags(demo_root: Path) -> dict[str, list[int]]:
+    """A tags file for the whole demo train pool whose tags all differ from the masks' own."""
+    from semiseg_cli.data import derive_tags, get_layout
+
+    layout = get_layout("demo", demo_root)
+    derived = derive_tags(layout, layout.list_pairs("train"), layout.tag_exclude)
+    tags = {img: [0] + [c for c in range(1, 5) if c not in ids] for img, ids in derived.items()}
+    tags = {img: ids if len(ids) > 1 else [0, 1] for img, ids in tags.items()}
+    assert all(tags[img] != derived[img] for img in tags)
+    return tags
+
+
+def test_training_uses_exactly_the_user_tags_file(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from semiseg_cli.engine.loop import train
+    from semiseg_cli.methods.dupl import DuPL
+
+    tags = _user_tags(demo_root)
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps({"/" + k if i == 0 else k: v for i, (k, v) in enumerate(tags.items())}))  # a leading / is fine
+    seen: list[tuple[str, list[int]]] = []
+    original = DuPL.training_step
+
+    def spy(self, labeled, unlabeled, step):  # type: ignore[no-untyped-def]
+        for name, row in zip(labeled["name"], labeled["tags"]):
+            seen.append((name, row.nonzero().flatten().tolist()))
+        return original(self, labeled, unlabeled, step)
+
+    monkeypatch.setattr(DuPL, "training_step", spy)
+    cfg = harness_cfg(
+        "dupl", root=str(demo_root), out=str(tmp_path / "run"),
+        overrides=[*FAST, f'data.tags_file="{path}"', "dupl.seg_start=100", "train.iters=2", "train.ckpt_interval=100"],
+    )
+    res = train(cfg, progress=False)
+    assert res.step == 2 and len(seen) == 4
+    for name, ids in seen:
+        assert ids == tags[name], name  # the file's tags, not the mask's
+
+
+def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output
+    return err
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        (None, ["cannot read tags file", "No such file", "prepare-splits --tags"]),
+        ('{"a.png": [1, 2]', ["is not valid JSON", "line 1"]),
+        ("[[1, 2]]", ["one JSON object", "not a list"]),
+        ('{"images/train/train_0000.png": "1 2"}', ["train_0000.png", "list of integer class ids"]),
+        ("OUT_OF_RANGE", ["class id 9 outside 0..4", "5 classes"]),
+        ("MISSING", ["no entry for 3 of 12 training images", "prepare-splits --tags", "add them"]),
+    ],
+)
+def test_a_bad_tags_file_is_refused_in_one_line_before_the_run_folder(
+    demo_root: Path, tmp_path: Path, content: str | None, fragments: list[str]
+) -> None:
+    from typer.testing import CliRunner
+
+    from semiseg_cli.cli import app
+
+    path = tmp_path / "tags.json"
+    tags = _user_tags(demo_root)
+    if content == "OUT_OF_RANGE":
+        first = sorted(tags)[5]
+        tags[first] = [0, 9]
+        content = json.dumps(tags)
+    elif content == "MISSING":
+        missing = sorted(tags)[-3:]
+        content = json.dumps({k: v for k, v in tags.items() if k not in missing})
+        fragments = [*fragments, missing[0]]
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "run"
+    args = ["train", "--method", "dupl", "--root", str(demo_root), "--out", str(out), "--device", "cpu", "--iters", "1",
+            "--set", f'data.tags_file="{path}"', "--set", 'model.backbone="resnet18"']
+    err = _one_line_error(CliRunner().invoke(app, args))
+    for f in fragments:
+        assert f in err, (f, err)
+    assert not out.exists()  # refused before the run folder is made

@@ -144,3 +144,67 @@ def test_a_value_logged_on_some_steps_is_averaged_over_those_steps_only(demo_roo
     train(_cfg(demo_root, tmp_path / "r", "train.log_interval=4"), progress=False)
     rec = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"only_even"' in l]
     assert rec and rec[0]["only_even"] == 1.0
+
+
+def test_torchrun_u2pl_ranks_share_student_teacher_and_memory_bank(demo_root: Path, tmp_path: Path) -> None:
+    """Two gloo ranks past the supervised warm-up, so the EMA teacher, the memory bank (fed
+    through `all_gather_cat`) and the contrastive loss all run. After every optimizer step, before
+    the end-of-run buffer broadcast could hide a difference, both ranks hold the same student
+    weights, the same teacher (weights and BN statistics) and the same queues; so do the final
+    states, and the one checkpoint holds them. (The student's own BN statistics are per rank
+    between forwards on CPU, by design: DDP broadcasts rank 0's at each forward.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import torch\n"
+        "from semiseg_cli.engine import distributed\n"
+        "from semiseg_cli.engine.loop import train\n"
+        "from semiseg_cli.methods.u2pl import U2PL\n"
+        "from tests.method_harness import make_cfg\n"
+        "snaps = []\n"
+        "orig = U2PL.after_optimizer_step\n"
+        "def spy(self, step):\n"
+        "    orig(self, step)\n"
+        "    copy = lambda d: {k: v.detach().clone() for k, v in d.items()}\n"
+        "    snaps.append({'step': step, 'student': copy(dict(self.model.named_parameters())),\n"
+        "                  'teacher': copy(self.teacher.module.state_dict()), 'bank': copy(self.bank.state_dict())})\n"
+        "U2PL.after_optimizer_step = spy\n"
+        f"cfg = make_cfg('u2pl', root={str(demo_root)!r}, out={str(tmp_path / 'ddp')!r}, overrides=["
+        "'data.labeled=\"1/2\"', 'model.backbone=\"mobilenet_v2\"', 'model.rep_dim=16', 'u2pl.queue_size=64',"
+        " 'u2pl.queue_size_background=96', 'u2pl.num_queries=8', 'u2pl.num_negatives=4', 'u2pl.sup_only_iters=1',"
+        " 'u2pl.teacher_reset_iters=1', 'u2pl.delta_p=0.0', 'train.iters=4', 'train.ckpt_interval=100'])\n"
+        "res = train(cfg, progress=False)\n"
+        "m = res.method\n"
+        "final = {'student': m.model.state_dict(), 'teacher': m.teacher.module.state_dict(), 'bank': m.bank.state_dict()}\n"
+        f"torch.save({{'snaps': snaps, 'final': final}}, {str(tmp_path)!r} + f'/rank{{distributed.rank()}}.pt')\n"
+        "distributed.cleanup()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert [s["step"] for s in r0["snaps"]] == [s["step"] for s in r1["snaps"]] == [0, 1, 2, 3]
+    for a, b in [*zip(r0["snaps"], r1["snaps"]), (r0["final"], r1["final"])]:
+        for part in ("student", "teacher", "bank"):
+            assert a[part].keys() == b[part].keys()
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), (a.get("step", "final"), part, k)
+    first, last = r0["snaps"][0], r0["snaps"][-1]
+    assert int(r0["snaps"][1]["bank"]["fill"].sum()) > 0 and not torch.equal(r0["snaps"][1]["bank"]["bank"], last["bank"]["bank"])  # pushed each semi step
+    w = next(k for k in last["teacher"] if k.endswith("weight"))
+    assert not torch.equal(first["teacher"][w], last["teacher"][w])  # the teacher moved (reset, then EMA)
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ckpt["has_teacher"] and int(ckpt["method_state"]["ema_updates"]) == 3
+    for k, v in r0["final"]["bank"].items():
+        assert torch.equal(ckpt["method_state"][f"bank.{k}"], v), k
+    for k, v in r0["final"]["teacher"].items():
+        assert torch.equal(ckpt["inference_state"][k], v), k
+    for k, v in r0["final"]["student"].items():
+        assert torch.equal(ckpt["student_state"][k], v), k

@@ -128,3 +128,29 @@ def test_prepare_splits_reports_problems_and_writes_nothing(make_tree: dict, tmp
     with pytest.raises(UserError, match="asks for 99 images"):
         prepare_splits("folder", make_tree["folder"](tmp_path / "ok"), ["1/2", "99"], 0, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_unlabeled_split_adds_the_other_pool_images_as_unlabeled(voc_root: Path, tmp_path: Path) -> None:
+    # U2PL's VOC classic setting: labeled drawn from `train` (1-3), the rest of `train_aug`
+    # (1, 2, 3, 6) unlabeled; an image is matched by its path, whatever folder its mask is in.
+    paths = prepare_splits("voc", voc_root, ["1"], 0, tmp_path / "a", split="train", unlabeled_split="train_aug")
+    labeled = (tmp_path / "a" / "labeled.txt").read_text().split("\n")[:-1]
+    unlabeled = (tmp_path / "a" / "unlabeled.txt").read_text().split("\n")[:-1]
+    assert len(paths) == 2 and len(labeled) == 1 and len(unlabeled) == 3
+    lab_img = labeled[0].split()[0]
+    imgs = [ln.split()[0] for ln in unlabeled]
+    assert lab_img not in imgs and len(set(imgs)) == 3
+    assert "JPEGImages/2007_000006.jpg" in imgs  # from train_aug only
+    # Without it, the unlabeled images are only the train pool's other two.
+    prepare_splits("voc", voc_root, ["1"], 0, tmp_path / "b", split="train")
+    assert len((tmp_path / "b" / "unlabeled.txt").read_text().split("\n")[:-1]) == 2
+    assert (tmp_path / "b" / "labeled.txt").read_text() == (tmp_path / "a" / "labeled.txt").read_text()
+    # The training loop draws the same pools from the config.
+    from semiseg_cli.config import build_config
+    from semiseg_cli.data.datasets import get_layout
+    from semiseg_cli.engine.loop import resolve_pools
+
+    cfg = build_config(None, ['data.dataset="voc"', f'data.root="{voc_root}"', 'data.labeled="1"',
+                              'data.unlabeled_split="train_aug"'], "u2pl")
+    lab, unl = resolve_pools(cfg, get_layout("voc", voc_root), uses_tags=False)
+    assert [p[0] for p in lab] == [lab_img] and [p[0] for p in unl] == imgs

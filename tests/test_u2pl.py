@@ -193,6 +193,55 @@ def test_rank_windows_pick_labeled_confusions_and_unreliable_unlabeled_negatives
     assert neg_n[1].tolist() == [False, False, False, True]  # delta_n filters prob >= 0.15
 
 
+def test_negative_mask_code_keeps_only_unreliable_pixels_whose_pseudo_label_is_the_class() -> None:
+    # 4 classes, rank window [low_rank, high_rank) = [2, 4); every pixel is reliable or unreliable
+    # as marked, delta_n = 1 (no filter).
+    prob = torch.tensor([
+        [0.50, 0.30, 0.15, 0.05],  # ranks c0..c3 = 0 1 2 3
+        [0.10, 0.40, 0.30, 0.20],  # ranks 3 0 1 2: c0 and c3 in the window
+        [0.40, 0.30, 0.20, 0.10],  # ranks 0 1 2 3: c2 and c3 in the window
+        [0.10, 0.20, 0.30, 0.40],  # ranks 3 2 1 0: c0 and c1 in the window
+        [0.50, 0.30, 0.15, 0.05],
+    ])
+    label = torch.tensor([0, 0, 1, 0, 255])
+    is_labeled = torch.tensor([True, False, False, False, True])
+    unreliable = torch.tensor([True, True, True, False, False])
+    reliable = ~unreliable
+    args = (label, prob, reliable, unreliable, is_labeled, 0.3, 1.0, 2, 4, 255)
+    _, _, paper = contrastive_masks(*args)
+    _, _, code = contrastive_masks(*args, negative_mask="code")
+    # Paper, by hand: pixel 0 (labeled, GT 0): top-2 = {0, 1}, minus its label -> {1};
+    # pixel 1 (unreliable, pseudo 0): window classes {0, 3}; pixel 2 (unreliable, pseudo 1): {2, 3};
+    # pixel 3 is reliable, pixel 4 is ignored -> nothing.
+    assert paper.nonzero().tolist() == [[0, 1], [1, 0], [1, 3], [2, 2], [2, 3]]
+    # Code = paper x one-hot(label): pixel 0's label 0 is not a negative there (nothing labeled
+    # survives), pixel 1 keeps class 0 (its pseudo-label), pixel 2's pseudo-label 1 is not in its
+    # window -> only (1, 0).
+    assert code.nonzero().tolist() == [[1, 0]]
+    assert torch.equal(code, paper & F.one_hot(label.clamp(max=3), 4).bool() & (label != 255)[:, None])
+    with pytest.raises(ValueError, match="negative_mask"):
+        contrastive_masks(*args, negative_mask="official")
+
+
+def test_negative_mask_code_leaves_the_queues_almost_empty_with_one_teacher_pass() -> None:
+    # The pseudo-label is the same pass's argmax (rank 0), so "code" negatives can only come from
+    # the stride-4 resampling (nearest labels vs bilinear probabilities) disagreeing.
+    torch.manual_seed(0)
+    fills = {}
+    for mode in ("paper", "code"):
+        overrides = [*FAST, "u2pl.sup_only_iters=1", "u2pl.delta_p=0.0", f'u2pl.negative_mask="{mode}"']
+        m = build_method(make_cfg("u2pl", overrides=overrides), 4)
+        m.train()
+        with torch.no_grad():
+            m.model.classifier[-1].weight.mul_(100.0)
+        lab, unl = batches_for(m, 4)
+        losses = m.training_step(lab, unl, 1)
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        fills[mode] = int(m.bank.fill.sum())
+    # paper: the queues fill up (288 slots); code: a handful of keys at most (0 or 1 in practice).
+    assert fills["paper"] > 100 and fills["code"] * 20 <= fills["paper"], fills
+
+
 def test_sample_anchors_draws_with_replacement_within_each_class() -> None:
     anchor = torch.zeros(6, 3, dtype=torch.bool)
     anchor[[1, 4], 0] = True

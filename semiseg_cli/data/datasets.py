@@ -477,21 +477,54 @@ def derive_tags(layout: Layout, pairs: Sequence[Pair], exclude: tuple[int, ...] 
     return out
 
 
-def load_tags(path: str | Path) -> dict[str, list[int]]:
-    """A tags file written by `prepare-splits --tags`: {image_rel: [class ids]}."""
+_REGENERATE_TAGS = "regenerate it with `semiseg prepare-splits --tags`"
+
+
+def load_tags(
+    path: str | Path, num_classes: int | None = None, images: Sequence[str] | None = None
+) -> dict[str, list[int]]:
+    """A tags file written by `prepare-splits --tags`: {image_rel: [class ids]}.
+
+    Keys are image paths relative to the dataset root, as in labeled.txt (a leading `/` is
+    dropped, as split files allow). With `num_classes`, every id must lie in 0..num_classes-1;
+    with `images`, every one of them must have an entry (weak supervision trains from the tags
+    alone, so no image may fall back to its mask). Every problem is a one-line `UserError`.
+    """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise UserError(f"cannot read tags file {path}: {e.strerror}") from None
+        raise UserError(
+            f"cannot read tags file {path}: {e.strerror or e}; {_REGENERATE_TAGS} or unset data.tags_file to derive tags from the masks"
+        ) from None
+    except UnicodeDecodeError:
+        raise UserError(f"tags file {path} is not UTF-8 text; {_REGENERATE_TAGS}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"tags file {path} is not valid JSON: {e}") from None
-    ok = isinstance(data, dict) and all(
-        isinstance(v, list) and all(isinstance(c, int) for c in v) for v in data.values()
-    )
-    if not ok:
-        raise UserError(f"tags file {path} must map image paths to lists of class ids, e.g. {{\"a.jpg\": [3, 15]}}")
-    return data
+    example = 'e.g. {"JPEGImages/a.jpg": [0, 15]}'
+    if not isinstance(data, dict):
+        raise UserError(f"tags file {path} must hold one JSON object mapping image paths to lists of class ids ({example}), not a {type(data).__name__}")
+    tags: dict[str, list[int]] = {}
+    for img, ids in data.items():
+        if not isinstance(ids, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
+            raise UserError(f"tags file {path}: the entry for {img!r} must be a list of integer class ids ({example}), got {json.dumps(ids)[:60]}")
+        if num_classes is not None:
+            bad = [c for c in ids if not 0 <= c < num_classes]
+            if bad:
+                raise UserError(
+                    f"tags file {path}: {img!r} has class id {bad[0]} outside 0..{num_classes - 1} "
+                    f"(the dataset has {num_classes} classes); {_REGENERATE_TAGS}"
+                )
+        tags[img.lstrip("/")] = list(ids)
+    if images is not None:
+        missing = [img for img in images if img not in tags]
+        if missing:
+            first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise UserError(
+                f"tags file {path} has no entry for {len(missing)} of {len(images)} training images ({first}); "
+                f"{_REGENERATE_TAGS} for this training pool or add them (keys are image paths relative to data.root, as in labeled.txt)"
+            )
+    return tags
 
 
 def _rescale(image: Image.Image, mask: np.ndarray, factor: float) -> tuple[Image.Image, np.ndarray]:
@@ -507,8 +540,9 @@ class SegDataset(Dataset):
 
     Each item is a dict: `image` (3xHxW float), `mask` (HxW long, all ignore for an image
     without a mask), `has_mask`, `tags` (multi-hot over the classes), `name` and `index`.
-    `tags` may be replaced after construction; an image missing from it falls back to the
-    classes present in its mask, then to zeros.
+    `tags` ({image: [class ids]}) may be replaced after construction; every image must then be
+    in it (a UserError otherwise). Without `tags`, an image's tags are the classes present in its
+    mask, or none without a mask.
     """
 
     def __init__(
@@ -548,7 +582,9 @@ class SegDataset(Dataset):
 
     def _tags(self, img_rel: str, mask: np.ndarray | None) -> torch.Tensor:
         out = torch.zeros(self.layout.num_classes)
-        if self.tags is not None and img_rel in self.tags:
+        if self.tags is not None:  # given tags are the whole supervision: never fall back to the mask
+            if img_rel not in self.tags:
+                raise UserError(f"no tags for {img_rel}: the tags file must list every training image; {_REGENERATE_TAGS} or add it")
             ids = list(self.tags[img_rel])
         elif mask is not None:
             ids = [int(c) for c in _present_values(mask) if c != IGNORE and c not in self.tag_exclude]

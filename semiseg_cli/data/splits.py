@@ -102,6 +102,18 @@ def draw_split(pairs: Sequence[Pair], amount: str, seed: int) -> tuple[list[Pair
     return labeled, unlabeled
 
 
+def widen_unlabeled(labeled: Sequence[Pair], unlabeled: Sequence[Pair], extra: Sequence[Pair]) -> list[Pair]:
+    """`unlabeled` plus every image of `extra` that is not already labeled or unlabeled, sorted.
+
+    U2PL's VOC "classic" setting draws its labeled images from the 1464 fine `train` pool and
+    takes the rest of the 10582 `train_aug` pool as unlabeled: images are matched by image path,
+    so an image whose mask lives in another folder in `extra` is still recognised as labeled.
+    """
+    taken = {img for img, _ in labeled} | {img for img, _ in unlabeled}
+    out = list(unlabeled) + [p for p in extra if p[0] not in taken]
+    return sorted(set(out), key=lambda p: (p[0], p[1] or ""))
+
+
 # --------------------------------------------------------------------------------- files
 
 
@@ -180,8 +192,12 @@ def prepare_splits(
     split: str = "train",
     overwrite: bool = False,
     tags: bool = False,
+    unlabeled_split: str | None = None,
 ) -> list[Path]:
     """Validate the pool, draw one split per amount and write them; returns every file written.
+
+    `unlabeled_split` adds the images of another pool (not drawn as labeled) to every
+    unlabeled.txt: `--split train --unlabeled-split train_aug` is U2PL's VOC classic setting.
 
     Nothing is written unless the pool is clean, every amount fits and no existing file would
     change (without `overwrite`). One amount writes into `out_dir`; several into
@@ -192,6 +208,12 @@ def prepare_splits(
     problems, present = layout.scan(pool)
     if problems:
         raise DatasetProblems(problems, f"the {split} split of {layout.root}")
+    extra: list[Pair] = []
+    if unlabeled_split is not None and unlabeled_split != split:
+        extra = layout.list_pairs(unlabeled_split)
+        problems, _ = layout.scan(extra)
+        if problems:
+            raise DatasetProblems(problems, f"the {unlabeled_split} split of {layout.root}")
     amounts = parse_amounts(",".join(amounts))
     out = Path(out_dir)
     files: dict[Path, str] = {}
@@ -199,6 +221,8 @@ def prepare_splits(
     for amount in amounts:
         folder = out if len(amounts) == 1 else out / amount_dirname(amount)
         labeled, unlabeled = draw_split(pool, amount, seed)
+        if extra:
+            unlabeled = widen_unlabeled(labeled, unlabeled, extra)
         files[folder / "labeled.txt"] = _format_pairs(labeled)
         files[folder / "unlabeled.txt"] = _format_pairs(unlabeled)
         if tags_text is not None:

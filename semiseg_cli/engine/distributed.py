@@ -117,3 +117,35 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b, src)
+
+
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank `src`'s, once, after construction.
+
+    Each rank seeds its RNG with `seed + rank`, so whatever a method initialises randomly outside
+    the DDP-wrapped student (an EMA teacher's copy, a discriminator) would otherwise start apart
+    on every rank, and a discriminator, updated from averaged gradients, would stay apart.
+    """
+    if not is_dist():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.detach(), src)
+
+
+def broadcast_small_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """`broadcast_buffers` in one collective per dtype (for small buffers synced every step, e.g.
+    an EMA teacher's BatchNorm statistics); the buffers are flattened into a temporary copy."""
+    if not is_dist():
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for b in module.buffers():
+        groups.setdefault((b.dtype, b.device), []).append(b)
+    for bufs in groups.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        dist.broadcast(flat, src)
+        offset = 0
+        for b in bufs:
+            n = b.numel()
+            b.detach().copy_(flat[offset : offset + n].view_as(b))
+            offset += n

@@ -73,7 +73,7 @@ def seed_everything(seed: int) -> None:
 
 def resolve_pools(cfg: Any, layout: Any, uses_tags: bool) -> tuple[list, list]:
     """(labeled, unlabeled) pairs: split files, a split drawn now from a fraction, or all."""
-    from semiseg_cli.data.splits import draw_split, read_split_file
+    from semiseg_cli.data.splits import draw_split, read_split_file, widen_unlabeled
 
     d = cfg.data
     if d.labeled_list:
@@ -81,6 +81,8 @@ def resolve_pools(cfg: Any, layout: Any, uses_tags: bool) -> tuple[list, list]:
         unlabeled = read_split_file(d.unlabeled_list, layout.root) if d.unlabeled_list else []
     elif d.labeled:
         labeled, unlabeled = draw_split(layout.list_pairs(d.train_split), d.labeled, d.split_seed)
+        if d.unlabeled_split and d.unlabeled_split != d.train_split:
+            unlabeled = widen_unlabeled(labeled, unlabeled, layout.list_pairs(d.unlabeled_split))
     else:
         labeled, unlabeled = layout.list_pairs(d.train_split), []
     if uses_tags:  # weak supervision: every training image, tags only
@@ -172,17 +174,15 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     """Train `cfg` into `cfg.out`; returns the final step and best validation mIoU."""
     from rich.console import Console
 
-    from semiseg_cli.data import build_dataset, get_layout
+    from semiseg_cli.data import build_dataset, get_layout, load_tags
 
     console = console or Console(stderr=True)
     device = resolve_device(cfg.train.device)
     distributed.init(device.type)
     main = distributed.is_main()
     run_dir = Path(cfg.out)
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
-    distributed.barrier()
 
+    # Config and data problems are refused before the run folder is touched.
     method_cls = get_method(cfg.method)
     layout = get_layout(cfg.data.dataset, cfg.data.root)
     num_classes = layout.num_classes
@@ -194,8 +194,12 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
             "(or data.unlabeled_list) so part of the training pool is unlabeled"
         )
     tags = None
-    if method_cls.uses_tags and cfg.data.tags_file:
-        tags = {k: list(v) for k, v in json.loads(Path(cfg.data.tags_file).read_text()).items()}
+    if method_cls.uses_tags and cfg.data.tags_file:  # the user's tags must cover every training image
+        tags = load_tags(cfg.data.tags_file, num_classes, [img for img, _ in labeled])
+
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier()
 
     seed_everything(cfg.train.seed + distributed.rank())
     if cfg.train.deterministic:
@@ -229,6 +233,7 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
         resume_rng = ckpt["rng"]
         if start >= total:
             console.print(f"[yellow]{run_dir} already finished {start} of {total} iterations; nothing to do")
+    distributed.broadcast_state(method)  # parts outside DDP (teacher, discriminator) start as rank 0's
     if distributed.is_dist():
         if cfg.model.sync_bn and device.type == "cuda":  # SyncBN needs CUDA; CPU ranks share rank 0's stats
             method.model = nn.SyncBatchNorm.convert_sync_batchnorm(method.model)

@@ -46,6 +46,12 @@ class U2PLParams(_Params):
     alpha_0: float = Field(20.0, ge=0, le=50)  # reliable/unreliable percentile, -> 0
     delta_p: float = Field(0.3, ge=0, le=1)  # anchor threshold on teacher probability
     delta_n: float = Field(1.0, ge=0, le=1)  # negatives need prob < delta_n (official: 1, no filter)
+    # Negative keys: "paper" = labeled pixels with c in the teacher's top-low_rank but label != c,
+    # and unreliable unlabeled pixels ranking c in [low_rank, high_rank); "code" = the official
+    # code's mask, the same times the one-hot label of c: no labeled negatives, and unlabeled ones
+    # only where the pseudo-label is c yet ranked >= low_rank, which this single teacher pass
+    # (almost) never produces, so the contrastive loss is (almost) always 0. For comparison only.
+    negative_mask: Literal["paper", "code"] = "paper"
     low_rank: int = Field(3, ge=1)
     high_rank: int = Field(20, ge=2)
     num_queries: int = Field(256, ge=1)

@@ -152,6 +152,7 @@ class U2PL(Method):
         ignore = self.cfg.data.ignore_index
         if step - sup_only < self.teacher_reset_iters():
             self.teacher.reset(distributed.unwrap(self.model))
+            distributed.broadcast_small_buffers(self.teacher)  # one teacher on every rank (see below)
         img_l, mask_l, img_u = labeled["image"], labeled["mask"], unlabeled["image"]
         n_l = img_l.shape[0]
 
@@ -250,7 +251,7 @@ class U2PL(Method):
             flat = lambda x: x.flatten()  # noqa: E731
             proto, anchor, negative = contrastive_masks(
                 flat(lab), prob_small.permute(0, 2, 3, 1).flatten(0, 2), flat(rel), flat(unrel), flat(is_l),
-                p.delta_p, p.delta_n, p.low_rank, p.high_rank, self.cfg.data.ignore_index,
+                p.delta_p, p.delta_n, p.low_rank, p.high_rank, self.cfg.data.ignore_index, p.negative_mask,
             )
             rep_t = rep_t.permute(0, 2, 3, 1).flatten(0, 2)
             # Queue update before the loss reads it (official order); keys L2-normalised once
@@ -268,6 +269,11 @@ class U2PL(Method):
         if step < self.sup_only_iters():
             return
         self._last_decay = self.teacher.update(distributed.unwrap(self.model), step - self.sup_only_iters())
+        # Without SyncBN (CPU ranks) each rank's student BN statistics differ after its forward,
+        # so the teacher's, blended or copied from them, would drift apart across ranks and each
+        # rank would pseudo-label with another teacher: all ranks take rank 0's, as the student
+        # does (DDP broadcasts its buffers at every forward).
+        distributed.broadcast_small_buffers(self.teacher)
         self.ema_updates += 1
 
     def extra_log(self) -> dict[str, float]:

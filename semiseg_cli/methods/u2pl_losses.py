@@ -178,6 +178,7 @@ def contrastive_masks(
     low_rank: int,
     high_rank: int,
     ignore_index: int = 255,
+    negative_mask: str = "paper",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pixel, per-class roles at the representation stride. All inputs flattened to P pixels:
     `label` (P,) ground truth or pseudo-label, `prob` (P, C) teacher probabilities, `reliable`,
@@ -189,10 +190,15 @@ def contrastive_masks(
       and unlabeled unreliable pixels whose teacher rank for c is in [low_rank, high_rank);
       both with prob_c < delta_n (1.0 in the official config: no filtering).
 
-    This is the paper's definition. The official code multiplies the negative mask by the
-    one-hot label of c as well, which empties the labeled part and keeps only unlabeled pixels
-    whose pseudo-label *is* c (see docs/methods_u2pl.md).
+    `negative_mask = "paper"` is the paper's definition above. `"code"` is the official code's
+    arithmetic: the same mask multiplied by the one-hot label of c as well, which empties the
+    labeled part (label = c and label != c) and keeps only unreliable unlabeled pixels whose
+    pseudo-label *is* c while the teacher ranks c in [low_rank, high_rank). With this single
+    teacher pass that is (almost) never the case, so the queues stay (almost) empty; see
+    docs/methods_u2pl.md.
     """
+    if negative_mask not in ("paper", "code"):
+        raise ValueError(f"negative_mask must be 'paper' or 'code', not {negative_mask!r}")
     num_classes = prob.shape[1]
     valid = label != ignore_index
     onehot = F.one_hot(torch.where(valid, label, torch.zeros_like(label)), num_classes).bool() & valid[:, None]
@@ -202,6 +208,8 @@ def contrastive_masks(
     neg_l = is_labeled[:, None] & valid[:, None] & (ranks < low_rank) & ~onehot
     neg_u = ~is_labeled[:, None] & unreliable[:, None] & (ranks >= low_rank) & (ranks < high_rank)
     negative = (neg_l | neg_u) & (prob < delta_n)
+    if negative_mask == "code":
+        negative = negative & onehot
     return proto, anchor, negative
 
 

@@ -38,6 +38,11 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     if model_cfg.arch == "deeplabv2":
         if model_cfg.rep_head:
             raise UserError('model.rep_head needs arch = "deeplabv3plus" (DeepLab-v2 has no stride-4 decoder)')
+        if model_cfg.low_proj_channels != 48 or model_cfg.aspp_project_kernel != 1:
+            raise UserError(
+                'model.low_proj_channels and model.aspp_project_kernel need arch = "deeplabv3plus" '
+                "(DeepLab-v2 has no decoder or ASPP projection); remove them"
+            )
         backbone = build_backbone(
             model_cfg.backbone,
             DEEPLABV2_OUTPUT_STRIDE,
@@ -70,4 +75,6 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
         rep_head=model_cfg.rep_head,
         rep_dim=model_cfg.rep_dim,
         aux_head=model_cfg.aux_head,
+        low_proj_channels=model_cfg.low_proj_channels,
+        aspp_project_kernel=model_cfg.aspp_project_kernel,
     )

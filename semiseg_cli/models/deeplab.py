@@ -86,20 +86,20 @@ class AuxHead(nn.Sequential):
 
 class ASPP(nn.Module):
     """1x1 branch, one 3x3 atrous branch per rate, image pooling; concatenated and projected by a
-    1x1 conv (DeepLab-v3+ paper; U2PL projects with a 3x3 conv instead).
+    1x1 conv (DeepLab-v3+ paper; `project_kernel=3` for U2PL's 3x3 projection).
 
     The pooling branch has BatchNorm on a 1x1 map, so training needs at least two images per
     BN group (per GPU without SyncBN), as in every DeepLab-v3 implementation.
     """
 
-    def __init__(self, cin: int, channels: int, dilations: tuple[int, ...], dropout: float) -> None:
+    def __init__(self, cin: int, channels: int, dilations: tuple[int, ...], dropout: float, project_kernel: int = 1) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
             [conv_bn_relu(cin, channels, 1)] + [conv_bn_relu(cin, channels, 3, d) for d in dilations]
         )
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, channels, 1))
         self.project = nn.Sequential(
-            conv_bn_relu(channels * (len(dilations) + 2), channels, 1), nn.Dropout2d(dropout)
+            conv_bn_relu(channels * (len(dilations) + 2), channels, project_kernel), nn.Dropout2d(dropout)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,7 +123,8 @@ class DeepLabV3Plus(SegModel):
     """ASPP on the final features, fused at stride 4 with the projected layer1 features.
 
     `low_proj_channels` is the width of the layer1 projection: 48 as in the DeepLab-v3+ paper
-    (default); U2PL uses 256 (its heads then start from 512 channels).
+    (default); U2PL uses 256 (its heads then start from 512 channels). `aspp_project_kernel`: 1
+    (paper) or 3 (U2PL).
     """
 
     def __init__(
@@ -138,10 +139,11 @@ class DeepLabV3Plus(SegModel):
         rep_dim: int = 256,
         aux_head: bool = False,
         low_proj_channels: int = 48,
+        aspp_project_kernel: int = 1,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.aspp = ASPP(backbone.out_channels, aspp_channels, tuple(aspp_dilations), dropout)
+        self.aspp = ASPP(backbone.out_channels, aspp_channels, tuple(aspp_dilations), dropout, aspp_project_kernel)
         self.low_proj = conv_bn_relu(backbone.low_channels, low_proj_channels, 1)
         fused = aspp_channels + low_proj_channels
         self.classifier = _fused_head(fused, decoder_channels, num_classes, dropout)

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Everything this project measures on a CUDA GPU, in one bounded run (a lent GPU is short-lived):
+#   1. train-step time and peak memory per image (bench_train_step.py) at the CamVid presets and at
+#      the paper-size VOC presets (U2PL, AdvSemiSeg, DuPL ViT-B/16), pseudo-label throughput
+#      (bench_pseudo_label.py), and one torchrun (NCCL, DDP + SyncBN) smoke run on the GPU;
+#   2. the CamVid 1/8 comparisons, all runs at once on the GPU: supervised vs U2PL vs AdvSemiSeg
+#      at the presets' 300 iterations and at LONG_ITERS, and the DuPL ablation (full, no GMM
+#      filter, no consistency, neither, single network), each evaluated on val, DuPL's CAM
+#      pseudo-labels also scored on the whole train set (dupl_cam_miou.py).
+# JSON lands in $RES (default bench/results/gpu); runs in $RUNS. A run still going at DEADLINE
+# seconds is stopped and its best.pt evaluated (its JSON says how many iterations it reached).
+#
+#   bash bench/gpu_session.sh                       # defaults: ../shared data and weights
+#   DEVICE=cpu ITERS=4 LONG_ITERS=0 QUICK=1 CAM_LIMIT=4 bash bench/gpu_session.sh   # dry run on a CPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+CAMVID=${CAMVID_ROOT:-../shared/data/camvid}
+RESIZE=${CAMVID_RESIZE:-0.5}       # 1.0 for a copy already stored at half resolution
+W=${MBV2_WEIGHTS:-../shared/weights/mobilenet_v2_imagenet_features.pth}
+SPLITS=${SPLITS:-splits/camvid}
+ITERS=${ITERS:-300}
+LONG_ITERS=${LONG_ITERS:-1500}
+DEADLINE=${DEADLINE:-480}
+QUICK=${QUICK:-0}                  # 1: tiny benches (checks the script, not the numbers)
+RES=${RES:-bench/results/gpu}
+RUNS=${RUNS:-runs/gpu}
+mkdir -p "$RES" "$RUNS"
+t0=$(date +%s)
+log() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
+
+log "device: $DEVICE"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+# ---------------------------------------------------------------- 1. benches (GPU to themselves)
+steps=20; big=5; CAM=(--set model.pretrained="$W")
+[ "$QUICK" = 1 ] && steps=1 && big=1 && CAM+=(--warmup 1 --set "data.crop_size=[64,64]")
+bench() { log "bench $*"; timeout 150 $PY bench/bench_train_step.py --device "$DEVICE" "$@" 2>&1 | tail -n 12; }
+bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2pl,u2pl_student=u2pl+u2pl.labeled_keys=student,advsemiseg \
+  --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_$DEVICE.json"
+bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2pl --set u2pl.delta_p=0.0 \
+  --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_deltap0_$DEVICE.json"
+bench --preset dupl_mbv2-os16_1x4-300it_camvid-176x224 \
+  --methods single=dupl+dupl.single_net=true+dupl.gmm=false+dupl.consistency=false,dupl \
+  --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_dupl_$DEVICE.json"
+if [ "$QUICK" != 1 ]; then
+  bench --preset u2pl_r101-os8_4x4+4-80e_voc-classic-513 --methods supervised,u2pl --steps $big --warmup 1 \
+    --set model.pretrained=none --out "$RES/train_step_voc_u2pl_$DEVICE.json"
+  bench --preset advsemiseg_r101-os8_1x10+10-20k_voc-blender-321 --methods supervised,advsemiseg --steps $big --warmup 1 \
+    --set model.pretrained=none --out "$RES/train_step_voc_advsemiseg_$DEVICE.json"
+  bench --preset dupl_vitb16_1x4-20k_voc-448 --methods single=dupl+dupl.single_net=true+dupl.gmm=false+dupl.consistency=false,dupl \
+    --steps $big --warmup 1 --set dupl.vit_pretrained=none --out "$RES/train_step_voc_dupl_$DEVICE.json"
+fi
+log "pseudo-label throughput"
+timeout 150 $PY bench/bench_pseudo_label.py --device "$DEVICE" --workers 4 --work "$RUNS/pl_work" \
+  --out "$RES/pseudo_label_$DEVICE.json" 2>&1 | tail -n 12
+if [ "$DEVICE" = cuda ]; then
+  log "torchrun smoke (NCCL, 1 process)"
+  $PY -m semiseg_cli demo-data --out "$RUNS/demo_data" > /dev/null 2>&1 || true
+  timeout 120 $PY -m torch.distributed.run --nproc_per_node 1 -m semiseg_cli train --preset u2pl_r18-os16_1x4+4-400it_demo-96 \
+    --root "$RUNS/demo_data" --labeled 1/8 --iters 30 --set train.val_interval=0 --device cuda --out "$RUNS/ddp" --overwrite \
+    > "$RUNS/ddp.log" 2>&1; echo "torchrun rc=$?" | tee "$RES/torchrun_cuda.txt"; tail -n 3 "$RUNS/ddp.log" >> "$RES/torchrun_cuda.txt"
+fi
+
+# ---------------------------------------------------------------- 2. CamVid comparisons
+DATA=(--root "$CAMVID" --set data.resize="$RESIZE" --set model.pretrained="$W" --set data.workers=2 --device "$DEVICE"
+      --labeled-list "$SPLITS/labeled.txt")
+UNL=(--unlabeled-list "$SPLITS/unlabeled.txt")
+SUP=supervised_mbv2-os16_1x4-300it_camvid-176x224
+U2=u2pl_mbv2-os16_1x4+4-300it_camvid-176x224
+ADV=advsemiseg_mbv2-os16_1x4+4-300it_camvid-176x224
+DU=dupl_mbv2-os16_1x4-300it_camvid-176x224
+run() {  # name preset [train args...]: train, then evaluate best.pt on val (and DuPL's CAMs on train)
+  local name=$1 preset=$2; shift 2
+  local out="$RUNS/$name"
+  OMP_NUM_THREADS=2 timeout "$(left)" $PY -m semiseg_cli train --preset "$preset" "${DATA[@]}" --out "$out" --overwrite "$@" \
+    > "$out.log" 2>&1
+  echo "train rc=$?" >> "$out.log"
+  [ -f "$out/best.pt" ] || { log "$name: no checkpoint"; return; }
+  OMP_NUM_THREADS=2 $PY -m semiseg_cli eval -c "$out/best.pt" --device "$DEVICE" --json "$RES/eval_$name.json" --overwrite >> "$out.log" 2>&1
+  case $preset in dupl*) OMP_NUM_THREADS=2 $PY bench/dupl_cam_miou.py -c "$out/best.pt" --split train --device "$DEVICE" ${CAM_LIMIT:+--limit $CAM_LIMIT} \
+      --json "$RES/cam_$name.json" >> "$out.log" 2>&1 ;; esac
+  log "$name done: $(grep -o 'mIoU [0-9.]*' "$out.log" | tail -n 1)"
+}
+it=(--iters "$ITERS")
+pids=()
+run sup "$SUP" "${it[@]}" & pids+=($!)
+run u2pl "$U2" "${UNL[@]}" "${it[@]}" & pids+=($!)
+run adv "$ADV" "${UNL[@]}" "${it[@]}" & pids+=($!)
+run dupl "$DU" "${it[@]}" & pids+=($!)
+run dupl_nogmm "$DU" "${it[@]}" --set dupl.gmm=false & pids+=($!)
+run dupl_nocons "$DU" "${it[@]}" --set dupl.consistency=false & pids+=($!)
+run dupl_neither "$DU" "${it[@]}" --set dupl.gmm=false --set dupl.consistency=false & pids+=($!)
+run dupl_single "$DU" "${it[@]}" --set dupl.single_net=true --set dupl.gmm=false --set dupl.consistency=false & pids+=($!)
+if [ "$LONG_ITERS" -gt 0 ]; then
+  k=$(( LONG_ITERS / ITERS ))  # warm-ups and starts scaled with the schedule
+  L=(--iters "$LONG_ITERS" --set train.val_interval=$(( LONG_ITERS / 4 )) --set train.ckpt_interval=$(( LONG_ITERS / 4 )))
+  run sup_long "$SUP" "${L[@]}" & pids+=($!)
+  run u2pl_long "$U2" "${UNL[@]}" "${L[@]}" --set u2pl.sup_only_iters=$(( 60 * k )) & pids+=($!)
+  run adv_long "$ADV" "${UNL[@]}" "${L[@]}" --set advsemiseg.semi_start=$(( 75 * k )) & pids+=($!)
+  run dupl_long "$DU" "${L[@]}" --set dupl.seg_start=$(( 90 * k )) --set dupl.gmm_start=$(( 180 * k )) \
+    --set optim.warmup_iters=$(( 30 * k )) & pids+=($!)
+  run dupl_single_long "$DU" "${L[@]}" --set dupl.seg_start=$(( 90 * k )) --set dupl.gmm_start=$(( 180 * k )) \
+    --set optim.warmup_iters=$(( 30 * k )) --set dupl.single_net=true --set dupl.gmm=false --set dupl.consistency=false & pids+=($!)
+fi
+for p in "${pids[@]}"; do wait "$p"; done
+for f in "$RUNS"/*.log; do n=$(basename "$f" .log); echo "== $n: $(grep -c . "$f") lines; $(grep -E 'train rc|stopped|error' "$f" | head -n 3 | tr '\n' ' ')"; done
+$PY - "$RES" "$RUNS" <<'EOF'
+"""One summary table of every eval/cam JSON, with the iterations each run reached."""
+import json, sys
+from pathlib import Path
+res, runs = Path(sys.argv[1]), Path(sys.argv[2])
+rows = {}
+for f in sorted(res.glob("eval_*.json")):
+    name = f.stem[5:]
+    r = json.loads(f.read_text())
+    step = None
+    m = runs / name / "metrics.jsonl"
+    if m.is_file():
+        steps = [json.loads(l).get("step") for l in m.read_text().splitlines() if l.strip()]
+        step = max((s for s in steps if s is not None), default=None)
+    rows[name] = {"val_miou": r.get("mIoU"), "best_step": r.get("step"), "last_logged_step": step}
+for f in sorted(res.glob("cam_*.json")):
+    r = json.loads(f.read_text())
+    rows.setdefault(f.stem[4:], {})["cam_train_miou"] = {k: v["miou"] for k, v in r["subnets"].items()}
+(res / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+for k, v in rows.items():
+    print(f"{k:18s} {json.dumps(v)}")
+EOF
+log "finished"
