@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh                       # defaults: ../shared data and weights
 #   DEVICE=cpu ITERS=4 LONG_ITERS=0 QUICK=1 CAM_LIMIT=4 bash bench/gpu_session.sh   # dry run on a CPU
 set -uo pipefail
+export COLUMNS=${COLUMNS:-160}
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
@@ -36,6 +37,7 @@ log "device: $DEVICE"
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 
 # ---------------------------------------------------------------- 1. benches (GPU to themselves)
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
 steps=20; big=5; CAM=(--set model.pretrained="$W")
 [ "$QUICK" = 1 ] && steps=1 && big=1 && CAM+=(--warmup 1 --set "data.crop_size=[64,64]")
 bench() { log "bench $*"; timeout 150 $PY bench/bench_train_step.py --device "$DEVICE" "$@" 2>&1 | tail -n 12; }
@@ -64,6 +66,7 @@ if [ "$DEVICE" = cuda ]; then
     --root "$RUNS/demo_data" --labeled 1/8 --iters 30 --set train.val_interval=0 --device cuda --out "$RUNS/ddp" --overwrite \
     > "$RUNS/ddp.log" 2>&1; echo "torchrun rc=$?" | tee "$RES/torchrun_cuda.txt"; tail -n 3 "$RUNS/ddp.log" >> "$RES/torchrun_cuda.txt"
 fi
+fi  # SKIP_BENCH
 
 # ---------------------------------------------------------------- 2. CamVid comparisons
 DATA=(--root "$CAMVID" --set data.resize="$RESIZE" --set model.pretrained="$W" --set data.workers=2 --device "$DEVICE"

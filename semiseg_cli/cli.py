@@ -120,10 +120,8 @@ def prepare_splits_cmd(
             dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags, unlabeled_split=unlabeled_split
         )
     except DatasetProblems as e:
-        for p in e.problems[:50]:
-            err_console.print(f"  - {p}", highlight=False)
-        if len(e.problems) > 50:
-            err_console.print(f"  ... and {len(e.problems) - 50} more", highlight=False)
+        for p in e.problems:  # every problem, so one pass fixes them all
+            err_console.print(f"  - {p}", highlight=False, markup=False)
         raise
     for path in written:
         out_console.print(f"wrote {path}")
@@ -184,12 +182,28 @@ def train_cmd(
     cfg = build_config(preset, overrides, method)
     if cfg.out == "runs/run":  # default folder: name it after the preset and method
         cfg.out = f"runs/{cfg.name}" if cfg.method in cfg.name else f"runs/{cfg.name}-{cfg.method}"
+    last = Path(cfg.out) / "last.pt"
+    if resume and not overwrite and last.is_file():
+        # A resumed run continues with the config stored in its checkpoint; the options given
+        # now may only change what RESUME_MAY_CHANGE lists.
+        from semiseg_cli.config import resume_config
+        from semiseg_cli.engine.checkpoint import load_checkpoint
+
+        out_dir = cfg.out
+        cfg = resume_config(load_checkpoint(last)["config"], overrides, cfg if (preset or method) else None)
+        cfg.out = out_dir
     if dry_run:
         out_console.print(config_to_toml(cfg), highlight=False, markup=False)
         return
     from semiseg_cli.engine.loop import train
 
+    from semiseg_cli.engine import distributed
+
     result = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
+    main = distributed.is_main()
+    distributed.cleanup()
+    if not main:  # under torchrun, rank 0 reports
+        return
     out_console.print(f"run folder: {result.run_dir}  best val mIoU: {100 * result.best_miou:.2f}")
     if result.last_metrics:
         from semiseg_cli.eval_report import print_report

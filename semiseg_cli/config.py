@@ -365,3 +365,52 @@ def config_to_toml(cfg: Any) -> str:
 def config_from_dict(data: dict[str, Any]) -> Any:
     """Rebuild a config stored in a checkpoint."""
     return validate(data, "checkpoint config")
+
+
+# What a resumed run may change: where it runs, how long, how often it logs/validates/saves,
+# how it is evaluated. Everything else (data, model, optimiser, method) must stay as it was.
+RESUME_MAY_CHANGE = (
+    "out", "name", "train.iters", "train.device", "train.log_interval", "train.val_interval",
+    "train.ckpt_interval", "data.root", "data.workers", "eval.",
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: Any, b: Any) -> list[str]:
+    """Dotted keys whose values differ between two validated configs."""
+    fa, fb = _flatten(a.model_dump(mode="json")), _flatten(b.model_dump(mode="json"))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def resume_config(stored: dict[str, Any], overrides: list[str], requested: Any | None) -> Any:
+    """The config a resumed run continues with: its own (stored in last.pt) with `overrides`
+    applied. `requested` (the preset and options given with --resume, when a preset or method
+    was named) must describe the same run. Changing anything outside RESUME_MAY_CHANGE is refused:
+    a resumed run would silently no longer be the run that was started."""
+    raw = copy.deepcopy(stored)
+    for ov in overrides:
+        apply_override(raw, ov)
+    cfg = validate(raw, "the run's stored config with overrides")
+    original = config_from_dict(stored)
+    changed = set(config_differences(original, cfg))
+    if requested is not None:
+        changed |= set(config_differences(requested, cfg))
+    bad = sorted(k for k in changed if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE))
+    if bad:
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise UserError(
+            f"--resume continues the run with its own config, but {shown} would change; drop those options "
+            "(a resumed run may only change train.iters, device, intervals, data.root/workers and eval settings) "
+            "or start a new run with --out elsewhere"
+        )
+    return cfg

@@ -131,3 +131,40 @@ def test_error_messages_keep_square_brackets(tmp_path: Path) -> None:
     # A message such as "pip install 'semiseg[export]'" must not lose its brackets to markup.
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--set", "data.crop_size=[4, 4]"])
     assert "[4, 4]" in _one_line_error(r)
+
+
+def test_resume_takes_the_runs_own_config_and_refuses_changes(demo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--root", str(demo_root), "--labeled", "1/2", "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    # No preset and no options but --iters: the run's stored config (64-px crops, 32-ch heads,
+    # ResNet-18) is used, not the defaults, and training continues to the new length.
+    r = runner.invoke(app, ["train", "--out", str(out), "--resume", "--iters", "3", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    import torch
+
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["config"]["data"]["crop_size"] == [64, 64]
+    assert ckpt["config"]["model"]["decoder_channels"] == 32 and ckpt["config"]["train"]["iters"] == 3
+    before = (out / "last.pt").read_bytes()
+    # Anything that would make it another run is refused in one line, and nothing changes.
+    for args, key in ((["--lr", "0.5"], "optim.lr"), (["--set", "model.dropout=0.3"], "model.dropout"),
+                      (["--preset", "supervised_r18-os16_1x4-400it_demo-96"], "data.crop_size")):
+        r = runner.invoke(app, ["train", "--out", str(out), "--resume", "--iters", "4", *args])
+        assert key in _one_line_error(r), args
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_bad_input_with_overwrite_keeps_the_previous_run(demo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--root", str(demo_root), "--labeled", "1/2", "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for args in (["--root", str(tmp_path / "nowhere")], ["--root", str(demo_root), "--set", f'model.pretrained="{tmp_path / "no.pth"}"']):
+        r = runner.invoke(app, ["train", "--labeled", "1/2", "--out", str(out), "--overwrite", *TINY, *args])
+        _one_line_error(r)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files, args
+    # A new folder is not even created.
+    r = runner.invoke(app, ["train", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new"), *TINY])
+    _one_line_error(r)
+    assert not (tmp_path / "new").exists()

@@ -338,3 +338,36 @@ def test_labels_for_training_use_the_stored_encoding_where_it_differs(cityscapes
     assert enc is not None and enc[0] == 7 and enc[18] == 33 and enc[255] == 255
     ids = np.array(list(range(19)) + [255], np.uint8)
     assert np.array_equal(layout._lut[enc[ids]], ids)  # reading them back gives the class ids
+
+
+def test_the_ema_teacher_is_used_when_the_checkpoint_has_one(demo_root: Path, split_file: Path, tmp_path: Path) -> None:
+    """A U2PL checkpoint: pseudo-labels come from the teacher by default (auto), and
+    --weights student really switches to the student's weights."""
+    from semiseg_cli.config import build_config
+    from semiseg_cli.engine.checkpoint import load_checkpoint, load_for_inference
+    from semiseg_cli.engine.loop import train
+    from semiseg_cli.pseudo_label import weights_digest
+
+    run = tmp_path / "u2pl"
+    cfg = build_config(None, [
+        f'data.root="{demo_root}"', 'data.dataset="demo"', "data.crop_size=[64,64]", "data.batch_size=2",
+        'data.labeled="1/2"', "data.workers=0", "train.iters=3", "train.val_interval=0", 'model.backbone="resnet18"',
+        "model.rep_head=true", "u2pl.sup_only_iters=1", "u2pl.teacher_reset=false", f'out="{run}"',
+    ], "u2pl")
+    train(cfg, progress=False)
+    ck = run / "last.pt"
+    raw = load_checkpoint(ck)
+    assert raw["has_teacher"] and raw["student_state"] is not None
+    teacher, _, _ = load_for_inference(ck, weights="teacher")
+    student, _, _ = load_for_inference(ck, weights="student")
+    assert weights_digest(teacher) != weights_digest(student)  # two EMA updates apart
+    metas = {}
+    for name, extra in (("auto", []), ("student", ["--weights", "student"])):
+        out = tmp_path / name
+        code, output = invoke("pseudo-label", "-c", ck, "--split", split_file, "--out", out, "--workers", 0, *extra)
+        assert code == 0, output
+        metas[name] = json.loads((out / "meta.json").read_text())["identity"]
+    assert metas["auto"]["weights"] == "teacher" and metas["auto"]["weights_sha256"] == weights_digest(teacher)
+    assert metas["student"]["weights"] == "student" and metas["student"]["weights_sha256"] == weights_digest(student)
+    code, output = invoke("pseudo-label", "-c", ck, "--split", split_file, "--out", tmp_path / "x", "--weights", "bogus")
+    assert code != 0 and "--weights" in error_line(output)

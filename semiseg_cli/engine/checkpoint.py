@@ -71,6 +71,8 @@ def load_for_inference(
     from semiseg_cli.config import config_from_dict
     from semiseg_cli.methods import get_method
 
+    if weights not in ("auto", "teacher", "student"):
+        raise UserError(f"--weights must be auto, teacher or student (got {weights!r})")
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     method_cls = get_method(cfg.method)

@@ -100,7 +100,8 @@ def _hide_masks(batch: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run folder
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run-folder request that cannot go ahead; touches nothing."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
     last = run_dir / "last.pt"
@@ -108,9 +109,17 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not last.is_file():
             raise UserError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
         return
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"run folder {run_dir} is not empty; pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check, then (with --overwrite) clear the previous run's files and create the folder. Called
+    only once the config, data and model have been built, so bad input never costs an old run."""
+    check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        return
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run folder {run_dir} is not empty; pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
         for name in ("last.pt", "best.pt", "metrics.jsonl", "config.toml"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +191,8 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     main = distributed.is_main()
     run_dir = Path(cfg.out)
 
-    # Config and data problems are refused before the run folder is touched.
+    # Config, data and model problems are refused before the run folder is touched.
+    check_run_dir(run_dir, resume, overwrite)
     method_cls = get_method(cfg.method)
     layout = get_layout(cfg.data.dataset, cfg.data.root)
     num_classes = layout.num_classes
@@ -197,10 +207,6 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     if method_cls.uses_tags and cfg.data.tags_file:  # the user's tags must cover every training image
         tags = load_tags(cfg.data.tags_file, num_classes, [img for img, _ in labeled])
 
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
-    distributed.barrier()
-
     seed_everything(cfg.train.seed + distributed.rank())
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -211,7 +217,10 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     ds_u = build_dataset(cfg.data, unlabeled, train=True) if method_cls.uses_unlabeled else None
     ds_val = build_dataset(cfg.data, layout.list_pairs(cfg.data.val_split), train=False)
 
-    method = method_cls(cfg, num_classes, list(layout.class_names)).to(device)
+    method = method_cls(cfg, num_classes, list(layout.class_names)).to(device)  # loads pretrained weights
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.barrier()
     bl = cfg.data.batch_size
     bu = cfg.data.unlabeled_batch_size or bl
     total = cfg.train.iters
