@@ -41,8 +41,8 @@ SUPERVISED_OVERRIDES = ["model.rep_head=false"]
 def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: torch.device, seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     h, w = crop
-    mask = torch.randint(0, num_classes, (b, h // 16, w // 16), generator=g)
-    mask = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    mask = torch.randint(0, num_classes, (b, -(-h // 16), -(-w // 16)), generator=g)
+    mask = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :h, :w]  # any crop (513, 321)
     image = torch.randn(b, 3, h, w, generator=g) + mask.unsqueeze(1).float() * 0.3
     tags = torch.zeros(b, num_classes)
     for i in range(b):

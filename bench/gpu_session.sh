@@ -7,8 +7,9 @@
 #      at the presets' 300 iterations and at LONG_ITERS, and the DuPL ablation (full, no GMM
 #      filter, no consistency, neither, single network), each evaluated on val, DuPL's CAM
 #      pseudo-labels also scored on the whole train set (dupl_cam_miou.py).
-# JSON lands in $RES (default bench/results/gpu); runs in $RUNS. A run still going at DEADLINE
-# seconds is stopped and its best.pt evaluated (its JSON says how many iterations it reached).
+# JSON lands in $RES (default bench/results/gpu); runs in $RUNS. Each run's final weights (last.pt)
+# are evaluated; a run still going at DEADLINE seconds is stopped and its last.pt evaluated (the
+# JSON's `step` says how far it got).
 #
 #   bash bench/gpu_session.sh                       # defaults: ../shared data and weights
 #   DEVICE=cpu ITERS=4 LONG_ITERS=0 QUICK=1 CAM_LIMIT=4 bash bench/gpu_session.sh   # dry run on a CPU
@@ -82,9 +83,10 @@ run() {  # name preset [train args...]: train, then evaluate best.pt on val (and
   OMP_NUM_THREADS=2 timeout "$(left)" $PY -m semiseg_cli train --preset "$preset" "${DATA[@]}" --out "$out" --overwrite "$@" \
     > "$out.log" 2>&1
   echo "train rc=$?" >> "$out.log"
-  [ -f "$out/best.pt" ] || { log "$name: no checkpoint"; return; }
-  OMP_NUM_THREADS=2 $PY -m semiseg_cli eval -c "$out/best.pt" --device "$DEVICE" --json "$RES/eval_$name.json" --overwrite >> "$out.log" 2>&1
-  case $preset in dupl*) OMP_NUM_THREADS=2 $PY bench/dupl_cam_miou.py -c "$out/best.pt" --split train --device "$DEVICE" ${CAM_LIMIT:+--limit $CAM_LIMIT} \
+  # The final weights (last.pt), not the best validation checkpoint: no model selection on val.
+  [ -f "$out/last.pt" ] || { log "$name: no checkpoint"; return; }
+  OMP_NUM_THREADS=2 $PY -m semiseg_cli eval -c "$out/last.pt" --device "$DEVICE" --json "$RES/eval_$name.json" --overwrite >> "$out.log" 2>&1
+  case $preset in dupl*) OMP_NUM_THREADS=2 $PY bench/dupl_cam_miou.py -c "$out/last.pt" --split train --device "$DEVICE" ${CAM_LIMIT:+--limit $CAM_LIMIT} \
       --json "$RES/cam_$name.json" >> "$out.log" 2>&1 ;; esac
   log "$name done: $(grep -o 'mIoU [0-9.]*' "$out.log" | tail -n 1)"
 }
@@ -120,12 +122,11 @@ rows = {}
 for f in sorted(res.glob("eval_*.json")):
     name = f.stem[5:]
     r = json.loads(f.read_text())
-    step = None
     m = runs / name / "metrics.jsonl"
-    if m.is_file():
-        steps = [json.loads(l).get("step") for l in m.read_text().splitlines() if l.strip()]
-        step = max((s for s in steps if s is not None), default=None)
-    rows[name] = {"val_miou": r.get("mIoU"), "best_step": r.get("step"), "last_logged_step": step}
+    recs = [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
+    vals = [x["val_mIoU"] for x in recs if "val_mIoU" in x]
+    rows[name] = {"val_miou_final": r.get("mIoU"), "step": r.get("step"),
+                  "val_miou_best_during_training": max(vals) if vals else None}
 for f in sorted(res.glob("cam_*.json")):
     r = json.loads(f.read_text())
     rows.setdefault(f.stem[4:], {})["cam_train_miou"] = {k: v["miou"] for k, v in r["subnets"].items()}
