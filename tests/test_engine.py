@@ -102,6 +102,21 @@ def test_methods_that_need_unlabeled_data_refuse_a_fully_labeled_split(demo_root
         train(cfg, progress=False)
 
 
+def run_two_cpu_ranks(script: Path) -> None:
+    """Run `script` under torchrun with two gloo ranks on a free port; fail with its stderr."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_torchrun_two_cpu_processes_end_with_identical_weights(demo_root: Path, tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(
@@ -115,12 +130,7 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(demo_root: Path, 
         f"torch.save(res.method.state_dict(), {str(tmp_path)!r} + f'/rank{{distributed.rank()}}.pt')\n"
         "distributed.cleanup()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_cpu_ranks(script)
     a = torch.load(tmp_path / "rank0.pt")
     b = torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys()
@@ -153,11 +163,6 @@ def test_torchrun_u2pl_ranks_share_student_teacher_and_memory_bank(demo_root: Pa
     weights, the same teacher (weights and BN statistics) and the same queues; so do the final
     states, and the one checkpoint holds them. (The student's own BN statistics are per rank
     between forwards on CPU, by design: DDP broadcasts rank 0's at each forward.)"""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(
         "import torch\n"
@@ -183,12 +188,7 @@ def test_torchrun_u2pl_ranks_share_student_teacher_and_memory_bank(demo_root: Pa
         f"torch.save({{'snaps': snaps, 'final': final}}, {str(tmp_path)!r} + f'/rank{{distributed.rank()}}.pt')\n"
         "distributed.cleanup()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_cpu_ranks(script)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert [s["step"] for s in r0["snaps"]] == [s["step"] for s in r1["snaps"]] == [0, 1, 2, 3]
     for a, b in [*zip(r0["snaps"], r1["snaps"]), (r0["final"], r1["final"])]:
