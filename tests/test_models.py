@@ -382,3 +382,19 @@ def test_deeplabv2_two_branches_is_a_prefix_of_four() -> None:
         extra = nn.functional.interpolate(extra, size=(64, 64), mode="bilinear", align_corners=False)
     assert not torch.allclose(o4["logits"], o2["logits"])
     assert torch.allclose(o4["logits"], o2["logits"] + extra, atol=1e-5)
+
+
+def test_the_representation_head_does_not_change_the_init_of_the_rest() -> None:
+    """Same seed, with and without U2PL's representation head: every shared weight is equal, so a
+    U2PL run and its supervised baseline start from the same network."""
+    from semiseg_cli.config import ModelConfig
+    from semiseg_cli.models import build_model
+
+    states = []
+    for rep in (False, True):
+        torch.manual_seed(0)
+        states.append(build_model(ModelConfig(backbone="resnet18", aspp_channels=32, decoder_channels=32, rep_head=rep, aux_head=True), 5).state_dict())
+    plain, with_rep = states
+    assert any(k.startswith("rep.") for k in with_rep) and not any(k.startswith("rep.") for k in plain)
+    for k, v in plain.items():
+        assert torch.equal(v, with_rep[k]), k

@@ -147,15 +147,19 @@ class DeepLabV3Plus(SegModel):
         self.low_proj = conv_bn_relu(backbone.low_channels, low_proj_channels, 1)
         fused = aspp_channels + low_proj_channels
         self.classifier = _fused_head(fused, decoder_channels, num_classes, dropout)
-        self.rep = _fused_head(fused, decoder_channels, rep_dim, dropout) if rep_head else None
         self.aux = AuxHead(backbone.mid_channels, num_classes, dropout) if aux_head else None
-        for m in (self.aspp, self.low_proj, self.classifier, self.rep, self.aux):
+        for m in (self.aspp, self.low_proj, self.classifier, self.aux):
             if m is not None:
                 _init_head(m)
         # The layers that output class scores get a small init (see `_init_classifier`).
         _init_classifier(self.classifier[-1])
         if self.aux is not None:
             _init_classifier(self.aux[-1])
+        # The representation head is built last, so with the same seed every other weight starts
+        # the same with or without it: a U2PL run and its supervised baseline share their init.
+        self.rep = _fused_head(fused, decoder_channels, rep_dim, dropout) if rep_head else None
+        if self.rep is not None:
+            _init_head(self.rep)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.backbone(x)
