@@ -55,9 +55,9 @@ def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: tor
 
 def parse_method(spec: str) -> tuple[str, str, list[str]]:
     """"u2pl" -> ("u2pl", "u2pl", []); "single=dupl+dupl.single_net=true" -> ("single", "dupl", [...])."""
-    label, _, rest = spec.partition("=") if "=" in spec.split("+", 1)[0] else (spec.split("+", 1)[0], "", spec)
-    method, *extra = rest.split("+")
-    return label, method, extra
+    head, *extra = spec.split("+")
+    label, _, method = head.rpartition("=")
+    return label or method, method, extra
 
 
 class Runner:

@@ -210,7 +210,8 @@ def prepare_splits(
         raise DatasetProblems(problems, f"the {split} split of {layout.root}")
     extra: list[Pair] = []
     if unlabeled_split is not None and unlabeled_split != split:
-        extra = layout.list_pairs(unlabeled_split)
+        in_pool = {img for img, _ in pool}
+        extra = [p for p in layout.list_pairs(unlabeled_split) if p[0] not in in_pool]  # only images the pool lacks
         problems, _ = layout.scan(extra)
         if problems:
             raise DatasetProblems(problems, f"the {unlabeled_split} split of {layout.root}")

@@ -313,7 +313,7 @@ class DuPL(Method):
             strong = s.to(x.dtype)
 
         out = self.model(x, strong=strong, train_outputs=True)  # the one forward DDP sees
-        outs = [out["net1"]] if p.single_net else [out["net1"], out["net2"]]
+        outs = list(out.values())  # one entry per sub-net: net1 (and net2 unless single_net)
 
         loss_cls = sum(F.multilabel_soft_margin_loss(o[k].float(), fg_tags) for o in outs for k in ("cls", "cls_aux"))
         total = loss_cls
