@@ -190,7 +190,8 @@ def train_cmd(
         from semiseg_cli.engine.checkpoint import load_checkpoint
 
         out_dir = cfg.out
-        cfg = resume_config(load_checkpoint(last)["config"], overrides, cfg if (preset or method) else None)
+        stored = load_checkpoint(last, mmap=True)["config"]  # the tensors stay on disk: train() loads them
+        cfg = resume_config(stored, overrides, cfg if (preset or method) else None)
         cfg.out = out_dir
     if dry_run:
         out_console.print(config_to_toml(cfg), highlight=False, markup=False)

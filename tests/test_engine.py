@@ -39,6 +39,10 @@ def test_train_writes_run_folder_and_checkpoint_round_trips(demo_root: Path, tmp
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["inference_state"][k]), k
     assert cfg.train.iters == 4
+    mapped = load_checkpoint(out / "last.pt", mmap=True)  # what `train --resume` reads for the config
+    assert mapped["config"] == ckpt["config"] and mapped["step"] == 4
+    for k, v in ckpt["inference_state"].items():
+        assert torch.equal(mapped["inference_state"][k], v), k
 
 
 def test_resume_continues_exactly_where_it_stopped(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,12 +48,16 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint, refusing missing, corrupt and foreign files with a one-line error.
+
+    `mmap=True` maps the tensors instead of reading them, for callers that only need the small
+    parts (the config, the step): reading them then costs next to nothing whatever the size."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a training run")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # corrupt or truncated files raise many different errors
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it may be truncated or not a semiseg checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# CamVid 1/8: the supervised baseline against U2PL variants on the CPU, one run after the other
+# (each with every core), at ITERS iterations with U2PL's supervised-only warm-up scaled from the
+# presets' 60-of-300. Every run: same split files, preset family, seed, iterations; validation of
+# the final weights (last.pt: the EMA teacher for U2PL). Resumes: a finished run is skipped, a
+# killed one continues from its last.pt.
+#   ITERS=1200 bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...]
+# Default variants: the paper's U2PL and the official code's contrastive weight (1.0).
+# Results: runs/camvid-cpu-$ITERS/<label>/eval.json, bench/results/camvid_u2pl_cpu_$ITERS.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+ITERS=${ITERS:-1200}
+SPLITS=${SPLITS:-splits/camvid}
+ROOT=${CAMVID_ROOT:-../shared/data/camvid}
+WARM=$(( 60 * ITERS / 300 ))
+OUT=runs/camvid-cpu-$ITERS
+SUP=supervised_mbv2-os16_1x4-300it_camvid-176x224
+U2=u2pl_mbv2-os16_1x4+4-300it_camvid-176x224
+mkdir -p "$OUT" bench/results
+if [ ! -f "$SPLITS/labeled.txt" ]; then
+  $PY -m semiseg_cli prepare-splits --dataset camvid --root "$ROOT" --labeled 1/8 --seed 0 --out "$SPLITS"
+fi
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(u2pl u2pl_code_weight=u2pl+u2pl.contrastive_weight=1.0)
+
+run() {  # label preset [--set ...]
+  local label=$1 preset=$2; shift 2
+  local out="$OUT/$label"
+  if [ -f "$out/eval.json" ]; then echo "$label: done already"; return; fi
+  local args=(--preset "$preset" --root "$ROOT" --labeled-list "$SPLITS/labeled.txt" --out "$out"
+              --iters "$ITERS" --set train.val_interval=$(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) --set train.ckpt_interval=$(( ITERS / 12 > 0 ? ITERS / 12 : 1 )))
+  case $preset in u2pl*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set u2pl.sup_only_iters=$WARM);; esac
+  if [ -f "$out/last.pt" ]; then args+=(--resume); else args+=(--overwrite); fi
+  echo "$(date +%T) $label: train ${args[*]} $*"
+  $PY -m semiseg_cli train "${args[@]}" "$@" > "$out.log" 2>&1
+  $PY -m semiseg_cli eval -c "$out/last.pt" --json "$out/eval.json" --overwrite >> "$out.log" 2>&1
+  echo "$(date +%T) $label: $(grep -o 'mIoU [0-9.]*' "$out.log" | tail -n 1)"
+}
+
+run supervised "$SUP"
+reports=("$OUT/supervised/eval.json")
+for v in "${variants[@]}"; do
+  label=${v%%=*}; spec=${v#*=}; [ "$label" = "$v" ] && spec=u2pl
+  sets=(); IFS=+ read -ra parts <<< "${spec#u2pl}"
+  for kv in "${parts[@]}"; do [ -n "$kv" ] && sets+=(--set "$kv"); done
+  run "$label" "$U2" "${sets[@]}"
+  reports+=("$OUT/$label/eval.json")
+done
+$PY bench/compare_runs.py "${reports[@]}" --out "bench/results/camvid_u2pl_cpu_$ITERS.json"
