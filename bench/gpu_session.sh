@@ -60,6 +60,11 @@ fi
 log "pseudo-label throughput"
 timeout 150 $PY bench/bench_pseudo_label.py --device "$DEVICE" --workers 4 --work "$RUNS/pl_work" \
   --out "$RES/pseudo_label_$DEVICE.json" 2>&1 | tail -n 12
+if [ "${QUICK:-0}" != 1 ]; then  # a realistic image size, where the network is most of the work
+  log "pseudo-label throughput at 512x512"
+  timeout 240 $PY bench/bench_pseudo_label.py --device "$DEVICE" --workers 4 --images 96 --size 512 --batch-size 8 \
+    --work "$RUNS/pl_work_512" --out "$RES/pseudo_label_${DEVICE}_512.json" 2>&1 | tail -n 12
+fi
 if [ "$DEVICE" = cuda ]; then
   log "torchrun smoke (NCCL, 1 process)"
   $PY -m semiseg_cli demo-data --out "$RUNS/demo_data" > /dev/null 2>&1 || true

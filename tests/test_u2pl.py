@@ -390,6 +390,30 @@ def test_teacher_is_reset_during_the_first_semi_epoch_then_follows_the_ema_sched
     assert all(not p.requires_grad for p in m.teacher.parameters())
 
 
+def test_without_reset_the_teacher_still_starts_the_semi_phase_as_the_student() -> None:
+    """`teacher_reset=false`: no copy window, but the first pseudo-labels after the warm-up come
+    from the warmed-up student, not from the untrained initial copy."""
+    torch.manual_seed(0)
+    cfg = make_cfg("u2pl", overrides=[*FAST, "u2pl.contrastive=false", "u2pl.sup_only_iters=2", "u2pl.teacher_reset=false"])
+    m = build_method(cfg, 4)
+    m.train()
+    spec = m.configure_optimizers(cfg.train.iters)[0]
+    lab, unl = batches_for(m, 4)
+    student = lambda: torch.cat([p.detach().flatten() for p in m.model.parameters()])  # noqa: E731
+    teacher = lambda: torch.cat([p.flatten() for p in m.teacher.module.parameters()])  # noqa: E731
+    for step in range(3):
+        before = student()
+        spec.optimizer.zero_grad()
+        m.training_step(lab, unl, step)["loss"].backward()
+        if step == 1:  # warm-up: the teacher is neither used nor updated (still the initial copy)
+            assert not torch.equal(teacher(), before)
+        elif step == 2:  # first semi-supervised step: a copy of the warmed-up student (then the EMA, decay 0 at t=0)
+            assert torch.equal(teacher(), before)
+        spec.set_lr(step)
+        spec.optimizer.step()
+        m.after_optimizer_step(step)
+
+
 def test_ema_decay_schedule_caps_at_the_configured_decay() -> None:
     m = build_method(make_cfg("u2pl", overrides=[*FAST, "u2pl.ema_decay=0.9"]), 4)
     assert [m.teacher.decay_at(t) for t in (0, 1, 3, 100)] == [0.0, 0.5, 0.75, 0.9]

@@ -150,7 +150,10 @@ class U2PL(Method):
             return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
 
         ignore = self.cfg.data.ignore_index
-        if step - sup_only < self.teacher_reset_iters():
+        # The teacher starts the semi-supervised phase as the student (it is not updated during
+        # the warm-up, and its first pseudo-labels come before its first EMA update); with
+        # `teacher_reset` it stays a copy for `teacher_reset_iters` steps, as the official code.
+        if step - sup_only < max(1, self.teacher_reset_iters()):
             self.teacher.reset(distributed.unwrap(self.model))
             distributed.broadcast_small_buffers(self.teacher)  # one teacher on every rank (see below)
         img_l, mask_l, img_u = labeled["image"], labeled["mask"], unlabeled["image"]
