@@ -5,7 +5,8 @@
 # the final weights (last.pt: the EMA teacher for U2PL). Resumes: a finished run is skipped, a
 # killed one continues from its last.pt.
 #   ITERS=1200 bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...]
-# Default variants: the paper's U2PL and the official code's contrastive weight (1.0).
+# Default variants: U2PL as the preset (no teacher-reset window) and with the official code's
+# one-epoch reset window.
 # Results: runs/camvid-cpu-$ITERS/<label>/eval.json, bench/results/camvid_u2pl_cpu_$ITERS.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ if [ ! -f "$SPLITS/labeled.txt" ]; then
   $PY -m semiseg_cli prepare-splits --dataset camvid --root "$ROOT" --labeled 1/8 --seed 0 --out "$SPLITS"
 fi
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(u2pl u2pl_code_weight=u2pl+u2pl.contrastive_weight=1.0)
+[ ${#variants[@]} -gt 0 ] || variants=(u2pl u2pl_reset=u2pl+u2pl.teacher_reset=true)
 
 run() {  # label preset [--set ...]
   local label=$1 preset=$2; shift 2
