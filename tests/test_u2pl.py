@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -360,26 +361,41 @@ def test_warmup_runs_no_teacher_and_evaluates_the_student() -> None:
     assert m.inference_model() is m.model and int(m.ema_updates) == 0
 
 
-def test_teacher_is_reset_during_the_first_semi_epoch_then_follows_the_ema_schedule() -> None:
+def _teacher_run(*overrides: str) -> tuple[Any, Any, Any, Any]:
+    """A small U2PL (no contrastive term) and its optimiser step, plus flat views of the student's
+    and the teacher's parameters. `run(step, check)` does one training step and calls `check`
+    after the forward/backward, before the optimiser step and the EMA update."""
     torch.manual_seed(0)
-    cfg = make_cfg(
-        "u2pl", overrides=[*FAST, "u2pl.contrastive=false", "u2pl.sup_only_iters=1", "u2pl.teacher_reset_iters=1"]
-    )
+    cfg = make_cfg("u2pl", overrides=[*FAST, "u2pl.contrastive=false", *overrides])
     m = build_method(cfg, 4)
     m.train()
     spec = m.configure_optimizers(cfg.train.iters)[0]
     lab, unl = batches_for(m, 4)
     student = lambda: torch.cat([p.detach().flatten() for p in m.model.parameters()])  # noqa: E731
     teacher = lambda: torch.cat([p.flatten() for p in m.teacher.module.parameters()])  # noqa: E731
-    decays, after = [], []
-    for step in range(3):  # warm-up, reset step (t=0), EMA step (t=1)
+
+    def run(step: int, check: Any = None) -> None:
         spec.optimizer.zero_grad()
         m.training_step(lab, unl, step)["loss"].backward()
-        if step == 1:  # inside the reset window the teacher is the pre-step student
-            assert torch.equal(teacher(), student())
+        if check is not None:
+            check(step)
         spec.set_lr(step)
         spec.optimizer.step()
         m.after_optimizer_step(step)
+
+    return m, run, student, teacher
+
+
+def test_teacher_is_reset_during_the_first_semi_epoch_then_follows_the_ema_schedule() -> None:
+    m, run, student, teacher = _teacher_run("u2pl.sup_only_iters=1", "u2pl.teacher_reset_iters=1")
+
+    def check(step: int) -> None:
+        if step == 1:  # inside the reset window the teacher is the pre-step student
+            assert torch.equal(teacher(), student())
+
+    decays, after = [], []
+    for step in range(3):  # warm-up, reset step (t=0), EMA step (t=1)
+        run(step, check)
         decays.append(m._last_decay)
         after.append((teacher(), student()))
     assert decays[1:] == [0.0, 0.5]  # min(1 - 1/(t+1), 0.99), t counted from step 1
@@ -393,25 +409,17 @@ def test_teacher_is_reset_during_the_first_semi_epoch_then_follows_the_ema_sched
 def test_without_reset_the_teacher_still_starts_the_semi_phase_as_the_student() -> None:
     """`teacher_reset=false`: no copy window, but the first pseudo-labels after the warm-up come
     from the warmed-up student, not from the untrained initial copy."""
-    torch.manual_seed(0)
-    cfg = make_cfg("u2pl", overrides=[*FAST, "u2pl.contrastive=false", "u2pl.sup_only_iters=2", "u2pl.teacher_reset=false"])
-    m = build_method(cfg, 4)
-    m.train()
-    spec = m.configure_optimizers(cfg.train.iters)[0]
-    lab, unl = batches_for(m, 4)
-    student = lambda: torch.cat([p.detach().flatten() for p in m.model.parameters()])  # noqa: E731
-    teacher = lambda: torch.cat([p.flatten() for p in m.teacher.module.parameters()])  # noqa: E731
+    _, run, student, teacher = _teacher_run("u2pl.sup_only_iters=2", "u2pl.teacher_reset=false")
     for step in range(3):
         before = student()
-        spec.optimizer.zero_grad()
-        m.training_step(lab, unl, step)["loss"].backward()
-        if step == 1:  # warm-up: the teacher is neither used nor updated (still the initial copy)
-            assert not torch.equal(teacher(), before)
-        elif step == 2:  # first semi-supervised step: a copy of the warmed-up student (then the EMA, decay 0 at t=0)
-            assert torch.equal(teacher(), before)
-        spec.set_lr(step)
-        spec.optimizer.step()
-        m.after_optimizer_step(step)
+
+        def check(step: int) -> None:
+            if step == 1:  # warm-up: the teacher is neither used nor updated (still the initial copy)
+                assert not torch.equal(teacher(), before)
+            elif step == 2:  # first semi-supervised step: a copy of the warmed-up student
+                assert torch.equal(teacher(), before)
+
+        run(step, check)
 
 
 def test_ema_decay_schedule_caps_at_the_configured_decay() -> None:
