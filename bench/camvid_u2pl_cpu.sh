@@ -4,18 +4,23 @@
 # presets' 60-of-300. Every run: same split files, preset family, seed, iterations; validation of
 # the final weights (last.pt: the EMA teacher for U2PL). Resumes: a finished run is skipped, a
 # killed one continues from its last.pt.
-#   ITERS=1200 bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...]
+#   ITERS=1200 [SEED=1] bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...]
 # Default variants: U2PL as the preset (no teacher-reset window) and with the official code's
 # one-epoch reset window.
-# Results: runs/camvid-cpu-$ITERS/<label>/eval.json, bench/results/camvid_u2pl_cpu_$ITERS.json.
+# SEED (default 0) sets train.seed for every run (the split stays the seed-0 one); a seed other
+# than 0 gets its own folders and JSON, suffixed _s$SEED.
+# Results: runs/camvid-cpu-$ITERS[-s$SEED]/<label>/eval.json,
+# bench/results/camvid_u2pl_cpu_$ITERS[_s$SEED].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ITERS=${ITERS:-1200}
 SPLITS=${SPLITS:-splits/camvid}
 ROOT=${CAMVID_ROOT:-../shared/data/camvid}
+SEED=${SEED:-0}
 WARM=$(( 60 * ITERS / 300 ))
-OUT=runs/camvid-cpu-$ITERS
+SUFFIX=; [ "$SEED" = 0 ] || SUFFIX=_s$SEED
+OUT=runs/camvid-cpu-$ITERS${SUFFIX/_/-}
 SUP=supervised_mbv2-os16_1x4-300it_camvid-176x224
 U2=u2pl_mbv2-os16_1x4+4-300it_camvid-176x224
 mkdir -p "$OUT" bench/results
@@ -30,7 +35,7 @@ run() {  # label preset [--set ...]
   local out="$OUT/$label"
   if [ -f "$out/eval.json" ]; then echo "$label: done already"; return; fi
   local args=(--preset "$preset" --root "$ROOT" --labeled-list "$SPLITS/labeled.txt" --out "$out"
-              --iters "$ITERS" --set train.val_interval=$(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) --set train.ckpt_interval=$(( ITERS / 12 > 0 ? ITERS / 12 : 1 )))
+              --iters "$ITERS" --set train.val_interval=$(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) --set train.ckpt_interval=$(( ITERS / 12 > 0 ? ITERS / 12 : 1 )) --set train.seed=$SEED)
   case $preset in u2pl*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set u2pl.sup_only_iters=$WARM);; esac
   if [ -f "$out/last.pt" ]; then args+=(--resume); else args+=(--overwrite); fi
   echo "$(date +%T) $label: train ${args[*]} $*"
@@ -48,4 +53,4 @@ for v in "${variants[@]}"; do
   run "$label" "$U2" "${sets[@]}"
   reports+=("$OUT/$label/eval.json")
 done
-$PY bench/compare_runs.py "${reports[@]}" --out "bench/results/camvid_u2pl_cpu_$ITERS.json"
+$PY bench/compare_runs.py "${reports[@]}" --out "bench/results/camvid_u2pl_cpu_$ITERS$SUFFIX.json"

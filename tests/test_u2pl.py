@@ -18,6 +18,7 @@ from semiseg_cli.errors import UserError
 from semiseg_cli.methods.u2pl import U2PL
 from semiseg_cli.methods.u2pl_losses import (
     MemoryBank,
+    align_distribution,
     alpha_at,
     contrastive_loss,
     contrastive_masks,
@@ -420,6 +421,69 @@ def test_without_reset_the_teacher_still_starts_the_semi_phase_as_the_student() 
                 assert torch.equal(teacher(), before)
 
         run(step, check)
+
+
+def test_align_distribution_scales_by_the_prior_ratio_and_renormalises() -> None:
+    # Two pixels, two classes; the teacher predicts class 0 four times as often as the labels do.
+    prob = torch.tensor([[0.5, 0.8], [0.5, 0.2]]).view(1, 2, 1, 2)
+    target, current = torch.tensor([0.5, 0.5]), torch.tensor([0.8, 0.2])
+    out = align_distribution(prob, target, current)
+    # ratio (0.625, 2.5): (0.3125, 1.25) / 1.5625 and (0.5, 0.5) / 1.0
+    assert torch.allclose(out.view(2, 2).T, torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+    assert torch.allclose(out.sum(1), torch.ones(1, 1, 2))
+    assert torch.allclose(align_distribution(prob, current, current), prob)  # aligned already
+
+
+def test_distribution_alignment_tracks_label_and_teacher_priors_and_is_saved() -> None:
+    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=1", 'u2pl.pseudo_label_align="distribution"', "u2pl.align_momentum=0.5")
+    lab, unl = batches_for(m, 4)
+    counts = torch.bincount(lab["mask"][lab["mask"] != 255].flatten(), minlength=4).double()
+    run(0)  # warm-up: labels counted, no teacher yet
+    assert torch.equal(m.label_counts, counts) and not m.pred_prior.any()
+    seen: list[torch.Tensor] = []
+    m.teacher.register_forward_hook(lambda mod, args, out: seen.append(torch.softmax(out["logits"], 1).mean((0, 2, 3))))
+    run(1)  # first semi step: the prior is the teacher's mean prediction on this batch
+    assert torch.equal(m.label_counts, 2 * counts)
+    assert torch.allclose(m.pred_prior, seen[0], atol=1e-6)
+    run(2)  # then an EMA with the momentum
+    assert torch.allclose(m.pred_prior, 0.5 * seen[0] + 0.5 * seen[1], atol=1e-6)
+    target = counts / counts.sum()
+    ratios = m.extra_log()
+    assert ratios["align_ratio/c1"] == pytest.approx(float(target[1] / m.pred_prior[1]), rel=1e-5)
+    assert {"label_counts", "pred_prior"} <= m.state_dict().keys()
+    # Off (the paper): no such state, so checkpoints keep the keys they always had.
+    plain = build_method(make_cfg("u2pl", overrides=FAST), 4)
+    assert not {"label_counts", "pred_prior"} & plain.state_dict().keys()
+
+
+def test_distribution_alignment_turns_an_under_predicted_class_into_pseudo_labels() -> None:
+    """The pseudo-labels (and their accuracy log) come from the aligned probabilities: once the
+    labels say a class is common that the teacher rarely predicts, it takes over."""
+    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=0", 'u2pl.pseudo_label_align="distribution"', "u2pl.teacher_reset=false")
+    lab, unl = batches_for(m, 4)
+    m.teacher.reset(m.model)  # what the step does first (sup_only_iters=0)
+    with torch.no_grad():
+        plain = m.teacher(unl["image"])["logits"].argmax(1)  # the teacher's labels without alignment
+    rare = int(torch.bincount(plain.flatten(), minlength=4).argmin())
+    prior = torch.ones(4, dtype=torch.float64)
+    prior[rare] = 97.0
+    m.label_counts.copy_(prior * 1e9)  # dwarfs this batch's own label counts
+    captured: dict = {}
+    from semiseg_cli.methods import u2pl as u2pl_module
+
+    real = u2pl_module._pseudo_label_accuracy
+
+    def spy(unlabeled, pl_u, *rest):  # type: ignore[no-untyped-def]
+        captured["pl"] = pl_u.clone()
+        return real(unlabeled, pl_u, *rest)
+
+    u2pl_module._pseudo_label_accuracy = spy
+    try:
+        m.training_step(lab, unl, 0)
+    finally:
+        u2pl_module._pseudo_label_accuracy = real
+    share = lambda pl: float((pl == rare).float().mean())  # noqa: E731
+    assert share(plain) < 0.25 and share(captured["pl"]) > 0.5
 
 
 def test_ema_decay_schedule_caps_at_the_configured_decay() -> None:

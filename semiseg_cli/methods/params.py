@@ -65,6 +65,12 @@ class U2PLParams(_Params):
     # student's own forward, detached, so the teacher sees the unlabeled images only (about one
     # forward pass over B images fewer per step; not the paper's method).
     labeled_keys: Literal["teacher", "student"] = "teacher"
+    # Distribution alignment of the teacher's unlabeled probabilities before pseudo-labels,
+    # confidences and entropies are taken (not in U2PL; ReMixMatch's DA): "distribution" scales
+    # class c by (labeled pixels' frequency of c) / (running mean teacher probability of c), the
+    # latter an EMA with `align_momentum` per step. "none" = the paper. docs/methods_u2pl.md.
+    pseudo_label_align: Literal["none", "distribution"] = "none"
+    align_momentum: float = Field(0.99, ge=0, lt=1)
     # The schedules (p_t and alpha_t) are "per epoch" in the paper; epochs are counted in
     # iterations of this length (0: the unlabeled pool size divided by the unlabeled batch).
     epoch_iters: int = Field(0, ge=0)

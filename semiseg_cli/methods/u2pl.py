@@ -32,6 +32,7 @@ from semiseg_cli.methods.base import Method
 from semiseg_cli.methods.supervised import sup_losses
 from semiseg_cli.methods.u2pl_losses import (
     MemoryBank,
+    align_distribution,
     alpha_at,
     contrastive_loss,
     contrastive_masks,
@@ -66,6 +67,14 @@ class U2PL(Method):
         # student during the supervised-only epoch too).
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self._last_decay = 0.0
+        # Distribution alignment state (only with the option on, so other checkpoints keep their
+        # keys): labeled pixel counts per class since step 0, and the EMA of the teacher's mean
+        # unlabeled prediction (all zeros until the first semi-supervised step).
+        align = p.pseudo_label_align == "distribution"
+        self.label_counts: Tensor | None
+        self.pred_prior: Tensor | None
+        self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64) if align else None)
+        self.register_buffer("pred_prior", torch.zeros(num_classes) if align else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -140,6 +149,8 @@ class U2PL(Method):
         p = self.p
         p_t, alpha_t = self.schedules(step)
         sup_only = self.sup_only_iters()
+        if self.label_counts is not None:
+            self._count_labels(labeled["mask"])
         if unlabeled is None or step < sup_only:
             out = self.model(labeled["image"])
             losses = sup_losses(self.cfg, out, labeled["mask"])
@@ -167,6 +178,8 @@ class U2PL(Method):
             # One full-size softmax, shared by the pseudo-labels and the contrastive term.
             t_prob = torch.softmax(t_out["logits"].float(), 1)
             prob_u = t_prob[n_l:] if teacher_labeled else t_prob
+            if self.pred_prior is not None:
+                prob_u = self._align(prob_u)
             conf_u, pl_u = prob_u.max(1)
             ent_u = entropy(prob_u)
             box = None
@@ -216,6 +229,24 @@ class U2PL(Method):
         )
         losses.update(_pseudo_label_accuracy(unlabeled, pl_u, ent_u, thr[0], ignore))
         return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
+
+    def _count_labels(self, mask: Tensor) -> None:
+        """Add the labeled batch's pixels per class (all ranks') to `label_counts`, without a
+        host sync (ignored pixels land in an extra bin that is dropped)."""
+        c = self.num_classes
+        valid = (mask >= 0) & (mask < c)
+        counts = torch.bincount(torch.where(valid, mask, c).flatten(), minlength=c + 1)[:c]
+        self.label_counts += distributed.all_reduce_sum_(counts.to(self.label_counts.dtype))
+
+    def _align(self, prob_u: Tensor) -> Tensor:
+        """Update the running mean teacher prediction with this batch (all ranks), then align."""
+        assert self.pred_prior is not None and self.label_counts is not None
+        cur = distributed.all_reduce_mean(prob_u.float().mean((0, 2, 3)))
+        m = self.p.align_momentum
+        started = self.pred_prior.sum() > 0
+        self.pred_prior.copy_(torch.where(started, m * self.pred_prior + (1 - m) * cur, cur))
+        target = self.label_counts / self.label_counts.sum().clamp_min(1)
+        return align_distribution(prob_u, target.to(prob_u.dtype), self.pred_prior.to(prob_u.dtype))
 
     def _contrastive(
         self,
@@ -286,6 +317,11 @@ class U2PL(Method):
             log["queue_fill_mean"] = sum(frac) / len(frac)
             for name, f in zip(self.class_names, frac):
                 log[f"queue_fill/{name}"] = f
+        if self.pred_prior is not None and self.label_counts is not None and float(self.pred_prior.sum()) > 0:
+            target = self.label_counts / self.label_counts.sum().clamp_min(1)
+            ratio = (target.float().clamp_min(1e-6) / self.pred_prior.clamp_min(1e-6)).tolist()
+            for name, r in zip(self.class_names, ratio):
+                log[f"align_ratio/{name}"] = r
         return log
 
 

@@ -97,6 +97,20 @@ def unsup_loss(
     return loss, keep
 
 
+def align_distribution(prob: Tensor, target: Tensor, current: Tensor, eps: float = 1e-6) -> Tensor:
+    """Distribution alignment (ReMixMatch, Berthelot et al. 2020; not part of U2PL): scale each
+    class's probability by `target[c] / current[c]` and renormalise over classes.
+
+    `prob` is `(B, C, ...)`; `target` the class prior the pseudo-labels should follow (the labeled
+    pixels' class frequencies) and `current` the running mean of the teacher's predictions, both
+    `(C,)` and summing to 1. Classes the teacher under-predicts gain mass, so its pseudo-labels
+    stop erasing a class it has only half learned.
+    """
+    ratio = target.clamp_min(eps) / current.clamp_min(eps)
+    scaled = prob * ratio.to(prob.dtype).view(1, -1, *([1] * (prob.dim() - 2)))
+    return scaled / scaled.sum(1, keepdim=True).clamp_min(eps)
+
+
 # ----------------------------------------------------------------------------- CutMix
 
 

@@ -1,0 +1,93 @@
+"""Aggregate per-seed comparisons (`compare_runs.py --out` files, one per seed) into paired gaps.
+
+    python bench/seed_summary.py bench/results/camvid_u2pl_cpu_1200.json \
+        bench/results/camvid_u2pl_cpu_1200_s1.json ... [--base supervised] [--out summary.json]
+
+Runs are matched across files by their label (the run folder's name); the gap of each run to the
+base run is taken within a file (same seed, same init), then averaged over the files that have
+both. Prints mIoU per seed, mean and standard deviation, and the mean paired gap per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _name(label: str) -> str:
+    # compare_runs labels are "method (folder)"; the folder names the run.
+    return label.rsplit("(", 1)[-1].rstrip(")") if "(" in label else label
+
+
+def summarise(files: dict[str, dict], base: str) -> dict:
+    seeds = list(files)
+    runs: dict[str, dict[str, dict]] = {}
+    for seed, data in files.items():
+        for r in data["runs"]:
+            runs.setdefault(_name(r["label"]), {})[seed] = r
+    if base not in runs:
+        raise SystemExit(f"no run named {base!r} in {', '.join(seeds)}; pick one of {', '.join(runs)} with --base")
+    out: dict[str, dict] = {}
+    for name, by_seed in runs.items():
+        miou = {s: 100 * r["mIoU"] for s, r in by_seed.items()}
+        paired = [s for s in by_seed if s in runs[base]]
+        gaps = {s: miou[s] - 100 * runs[base][s]["mIoU"] for s in paired}
+        classes = list(next(iter(by_seed.values()))["per_class"])
+        class_gap = {
+            c: statistics.fmean(
+                100 * (by_seed[s]["per_class"][c]["IoU"] - runs[base][s]["per_class"][c]["IoU"]) for s in paired
+            )
+            for c in classes
+        } if paired else {}
+        vals = list(miou.values())
+        out[name] = {
+            "mIoU": miou,
+            "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "gap": gaps,
+            "mean_gap": statistics.fmean(gaps.values()) if gaps else None,
+            "wins": sum(g > 0 for g in gaps.values()),
+            "mean_class_gap": class_gap,
+        }
+    return {"base": base, "seeds": seeds, "runs": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--base", default="supervised", help="the run every gap is taken against")
+    ap.add_argument("--out", type=Path, help="also write the summary as JSON")
+    args = ap.parse_args()
+    files = {p.stem: json.loads(p.read_text()) for p in args.files}
+    summary = summarise(files, args.base)
+    seeds = summary["seeds"]
+    table = Table(title=f"val mIoU per seed, paired gap to {args.base}")
+    table.add_column("run")
+    for s in seeds:
+        table.add_column(s, justify="right")
+    for col in ("mean ± std", "mean gap", "wins"):
+        table.add_column(col, justify="right")
+    for name, r in summary["runs"].items():
+        cells = [f"{r['mIoU'][s]:.2f}" if s in r["mIoU"] else "-" for s in seeds]
+        gap = "" if name == args.base or r["mean_gap"] is None else f"{r['mean_gap']:+.2f}"
+        wins = "" if name == args.base else f"{r['wins']}/{len(r['gap'])}"
+        table.add_row(name, *cells, f"{r['mean']:.2f} ± {r['std']:.2f}", gap, wins)
+    console = Console()
+    console.print(table)
+    for name, r in summary["runs"].items():
+        if name != args.base and r["mean_class_gap"]:
+            parts = ", ".join(f"{c} {g:+.1f}" for c, g in r["mean_class_gap"].items())
+            console.print(f"{name}, mean class IoU gap: {parts}")
+    if args.out:
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
