@@ -9,8 +9,9 @@
 # one-epoch reset window.
 # SEED (default 0) sets train.seed for every run (the split stays the seed-0 one); a seed other
 # than 0 gets its own folders and JSON, suffixed _s$SEED.
-# Results: runs/camvid-cpu-$ITERS[-s$SEED]/<label>/eval.json,
-# bench/results/camvid_u2pl_cpu_$ITERS[_s$SEED].json.
+# Every final model is also evaluated on the 233 test images, held out from every choice made here.
+# Results: runs/camvid-cpu-$ITERS[-s$SEED]/<label>/eval{,_test}.json,
+# bench/results/camvid_u2pl_cpu_$ITERS[_s$SEED]{,_test}.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -33,7 +34,7 @@ variants=("$@")
 run() {  # label preset [--set ...]
   local label=$1 preset=$2; shift 2
   local out="$OUT/$label"
-  if [ -f "$out/eval.json" ]; then echo "$label: done already"; return; fi
+  if [ -f "$out/eval.json" ]; then echo "$label: done already"; test_eval "$out"; return; fi
   local args=(--preset "$preset" --root "$ROOT" --labeled-list "$SPLITS/labeled.txt" --out "$out"
               --iters "$ITERS" --set train.val_interval=$(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) --set train.ckpt_interval=$(( ITERS / 12 > 0 ? ITERS / 12 : 1 )) --set train.seed=$SEED)
   case $preset in u2pl*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set u2pl.sup_only_iters=$WARM);; esac
@@ -42,15 +43,23 @@ run() {  # label preset [--set ...]
   $PY -m semiseg_cli train "${args[@]}" "$@" > "$out.log" 2>&1
   $PY -m semiseg_cli eval -c "$out/last.pt" --json "$out/eval.json" --overwrite >> "$out.log" 2>&1
   echo "$(date +%T) $label: $(grep -o 'mIoU [0-9.]*' "$out.log" | tail -n 1)"
+  test_eval "$out"
+}
+
+test_eval() {  # run folder
+  [ -f "$1/eval_test.json" ] && return
+  $PY -m semiseg_cli eval -c "$1/last.pt" --split test --json "$1/eval_test.json" > "$1.test.log" 2>&1
+  echo "$(date +%T) $(basename "$1") on test: $(grep -o 'mIoU [0-9.]*' "$1.test.log" | tail -n 1)"
 }
 
 run supervised "$SUP"
-reports=("$OUT/supervised/eval.json")
+reports=("$OUT/supervised/eval.json"); tests=("$OUT/supervised/eval_test.json")
 for v in "${variants[@]}"; do
   label=${v%%=*}; spec=${v#*=}; [ "$label" = "$v" ] && spec=u2pl
   sets=(); IFS=+ read -ra parts <<< "${spec#u2pl}"
   for kv in "${parts[@]}"; do [ -n "$kv" ] && sets+=(--set "$kv"); done
   run "$label" "$U2" "${sets[@]}"
-  reports+=("$OUT/$label/eval.json")
+  reports+=("$OUT/$label/eval.json"); tests+=("$OUT/$label/eval_test.json")
 done
 $PY bench/compare_runs.py "${reports[@]}" --out "bench/results/camvid_u2pl_cpu_$ITERS$SUFFIX.json"
+$PY bench/compare_runs.py "${tests[@]}" --out "bench/results/camvid_u2pl_cpu_$ITERS${SUFFIX}_test.json"
