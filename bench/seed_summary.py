@@ -66,7 +66,7 @@ def main() -> None:
     files = {p.stem: json.loads(p.read_text()) for p in args.files}
     summary = summarise(files, args.base)
     seeds = summary["seeds"]
-    table = Table(title=f"val mIoU per seed, paired gap to {args.base}")
+    table = Table(title=f"mIoU per seed, paired gap to {args.base}")
     table.add_column("run")
     for s in seeds:
         table.add_column(s, justify="right")
