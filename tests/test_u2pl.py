@@ -456,7 +456,7 @@ def test_distribution_alignment_tracks_label_and_teacher_priors_and_is_saved() -
     assert not {"label_counts", "pred_prior"} & plain.state_dict().keys()
 
 
-def test_distribution_alignment_turns_an_under_predicted_class_into_pseudo_labels() -> None:
+def test_distribution_alignment_turns_an_under_predicted_class_into_pseudo_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pseudo-labels (and their accuracy log) come from the aligned probabilities: once the
     labels say a class is common that the teacher rarely predicts, it takes over."""
     m, run, _, _ = _teacher_run("u2pl.sup_only_iters=0", 'u2pl.pseudo_label_align="distribution"', "u2pl.teacher_reset=false")
@@ -477,11 +477,8 @@ def test_distribution_alignment_turns_an_under_predicted_class_into_pseudo_label
         captured["pl"] = pl_u.clone()
         return real(unlabeled, pl_u, *rest)
 
-    u2pl_module._pseudo_label_accuracy = spy
-    try:
-        m.training_step(lab, unl, 0)
-    finally:
-        u2pl_module._pseudo_label_accuracy = real
+    monkeypatch.setattr(u2pl_module, "_pseudo_label_accuracy", spy)
+    m.training_step(lab, unl, 0)
     share = lambda pl: float((pl == rare).float().mean())  # noqa: E731
     assert share(plain) < 0.25 and share(captured["pl"]) > 0.5
 

@@ -245,8 +245,12 @@ class U2PL(Method):
         m = self.p.align_momentum
         started = self.pred_prior.sum() > 0
         self.pred_prior.copy_(torch.where(started, m * self.pred_prior + (1 - m) * cur, cur))
-        target = self.label_counts / self.label_counts.sum().clamp_min(1)
-        return align_distribution(prob_u, target.to(prob_u.dtype), self.pred_prior.to(prob_u.dtype))
+        return align_distribution(prob_u, self._label_prior().to(prob_u.dtype), self.pred_prior.to(prob_u.dtype))
+
+    def _label_prior(self) -> Tensor:
+        """Class frequencies of the labeled pixels counted so far (the alignment's target)."""
+        assert self.label_counts is not None
+        return self.label_counts / self.label_counts.sum().clamp_min(1)
 
     def _contrastive(
         self,
@@ -317,9 +321,8 @@ class U2PL(Method):
             log["queue_fill_mean"] = sum(frac) / len(frac)
             for name, f in zip(self.class_names, frac):
                 log[f"queue_fill/{name}"] = f
-        if self.pred_prior is not None and self.label_counts is not None and float(self.pred_prior.sum()) > 0:
-            target = self.label_counts / self.label_counts.sum().clamp_min(1)
-            ratio = (target.float().clamp_min(1e-6) / self.pred_prior.clamp_min(1e-6)).tolist()
+        if self.pred_prior is not None and float(self.pred_prior.sum()) > 0:
+            ratio = (self._label_prior().float().clamp_min(1e-6) / self.pred_prior.clamp_min(1e-6)).tolist()
             for name, r in zip(self.class_names, ratio):
                 log[f"align_ratio/{name}"] = r
         return log
