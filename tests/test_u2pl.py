@@ -55,6 +55,8 @@ def test_schedules_move_once_per_epoch_from_their_start_values() -> None:
     assert epoch_fraction(94, 10, 95) == 0.9  # ceil(95 / 10) = 10 epochs; the last is index 9
     assert drop_percent_at(0.0, 80) == 80 and drop_percent_at(0.5, 80) == 90 and drop_percent_at(1.0, 80) == 100
     assert alpha_at(0.0, 20) == 20 and alpha_at(0.5, 20) == 10 and alpha_at(1.0, 20) == 0
+    assert drop_percent_at(0.5, 80, end=90) == 85 and drop_percent_at(1.0, 80, end=90) == 90
+    assert drop_percent_at(0.0, 80, end=80) == drop_percent_at(0.9, 80, end=80) == 80
 
 
 # ----------------------------------------------------------------------------- unsupervised loss
@@ -491,6 +493,8 @@ def test_ema_decay_schedule_caps_at_the_configured_decay() -> None:
 def test_method_schedules_use_the_epoch_length() -> None:
     m = build_method(make_cfg("u2pl", overrides=[*FAST, "u2pl.epoch_iters=2"]), 4)  # 4 iters = 2 epochs
     assert m.schedules(1) == (80.0, 20.0) and m.schedules(2) == (90.0, 10.0)
+    held = build_method(make_cfg("u2pl", overrides=[*FAST, "u2pl.epoch_iters=2", "u2pl.drop_percent_end=80"]), 4)
+    assert held.schedules(2) == (80.0, 10.0)  # p_t held at 80; alpha_t still falls
     m2 = build_method(make_cfg("u2pl", overrides=FAST), 4, unlabeled_size=8)  # 8 / batch 2 = 4 iters
     assert m2.sup_only_iters() == 4 and m2.teacher_reset_iters() == 4
 

@@ -32,7 +32,11 @@ class U2PLParams(_Params):
     # averages parameters only and lets a train-mode teacher forward update its statistics.)
     ema_buffers: bool = True
     unsup_weight: float = Field(1.0, ge=0)
-    drop_percent: float = Field(80.0, ge=0, le=100)  # entropy percentile p_0 (then -> 100)
+    drop_percent: float = Field(80.0, ge=0, le=100)  # entropy percentile p_0 (then -> drop_percent_end)
+    # Where p_t ends at the last epoch: 100 (the paper: every pseudo-label kept by the end);
+    # = drop_percent keeps dropping the same share of high-entropy pixels throughout (not in U2PL;
+    # docs/methods_u2pl.md, "Beyond the paper").
+    drop_percent_end: float = Field(100.0, ge=0, le=100)
     # "official": mean CE over kept pixels x (B*H*W / #kept), as the official code; "mean": the
     # plain mean over kept pixels.
     unsup_norm: Literal["official", "mean"] = "official"

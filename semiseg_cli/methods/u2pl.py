@@ -140,7 +140,7 @@ class U2PL(Method):
     def schedules(self, step: int) -> tuple[float, float]:
         """(p_t, alpha_t) at this step; both move once per epoch."""
         frac = epoch_fraction(step, self._epoch_iters(), self._total_iters())
-        return drop_percent_at(frac, self.p.drop_percent), alpha_at(frac, self.p.alpha_0)
+        return drop_percent_at(frac, self.p.drop_percent, self.p.drop_percent_end), alpha_at(frac, self.p.alpha_0)
 
     # ------------------------------------------------------------------ training
     def training_step(

@@ -32,10 +32,11 @@ def epoch_fraction(step: int, epoch_iters: int, total_iters: int) -> float:
     return min(step // epoch_iters, epochs) / epochs
 
 
-def drop_percent_at(frac: float, drop_percent: float) -> float:
+def drop_percent_at(frac: float, drop_percent: float, end: float = 100.0) -> float:
     """p_t: the entropy percentile above which pseudo-labels are dropped, `drop_percent` at the
-    first epoch rising linearly to 100 (i.e. ignore `100 - drop_percent`% of pixels, then fewer)."""
-    return 100.0 - (100.0 - drop_percent) * (1.0 - frac)
+    first epoch moving linearly to `end` (the paper: 100, i.e. ignore `100 - drop_percent`% of
+    pixels, then fewer; `end = drop_percent` keeps it constant)."""
+    return end - (end - drop_percent) * (1.0 - frac)
 
 
 def alpha_at(frac: float, alpha_0: float) -> float:

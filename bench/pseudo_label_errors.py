@@ -1,0 +1,120 @@
+"""Where a model's pseudo-labels go wrong, per ground-truth class, and how many of the wrong ones
+an entropy drop would remove.
+
+Reads folders written by `semiseg pseudo-label` (any --format; no --drop-percent or
+--min-confidence, so every pixel is labelled) on a split whose images have masks, and prints per
+class: IoU, recall and precision of the pseudo-labels, the share of the class's pixels in the
+`--percent`-th highest-entropy part of their image, the same share among its *wrongly* labelled
+pixels, and the classes it is mistaken for. JSON with --out.
+
+    semiseg pseudo-label -c runs/camvid-cpu-1200/supervised/last.pt --split splits/camvid/unlabeled.txt --out pl/sup
+    python bench/pseudo_label_errors.py pl/sup pl/u2pl --percent 20 --out bench/results/camvid_pseudo_label_errors.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from semiseg_cli.pseudo_label import U16  # noqa: E402
+
+
+def read_entropy(path: Path) -> np.ndarray:
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return z["entropy"].astype(np.float32)
+    return np.asarray(Image.open(path), dtype=np.float32) / U16
+
+
+def analyse(folder: Path, percent: float) -> dict:
+    meta = json.loads((folder / "meta.json").read_text())
+    names, root = meta["class_names"], Path(meta["root"])
+    c = len(names)
+    conf = np.zeros((c, c), np.int64)
+    in_top = np.zeros(c, np.int64)
+    wrong = np.zeros(c, np.int64)
+    wrong_in_top = np.zeros(c, np.int64)
+    images = 0
+    for line in (folder / "manifest.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if not rec.get("mask"):
+            continue
+        gt = np.asarray(Image.open(root / rec["mask"]))
+        pred = np.asarray(Image.open(folder / rec["files"]["label"]))
+        ent = read_entropy(folder / rec["files"]["entropy"])
+        valid = gt < c
+        if not valid.any():
+            continue
+        if (pred[valid] >= c).any():
+            raise SystemExit(f"{folder}: pseudo-labels marked unreliable (255); write them without --drop-percent/--min-confidence")
+        images += 1
+        top = valid & (ent >= np.percentile(ent[valid], 100 - percent))
+        g, p = gt[valid].astype(np.int64), pred[valid].astype(np.int64)
+        conf += np.bincount(g * c + p, minlength=c * c).reshape(c, c)
+        g_top = gt[top].astype(np.int64)
+        in_top += np.bincount(g_top, minlength=c)
+        bad = valid & (pred != gt)
+        wrong += np.bincount(gt[bad].astype(np.int64), minlength=c)
+        wrong_in_top += np.bincount(gt[bad & top].astype(np.int64), minlength=c)
+    if not images:
+        raise SystemExit(f"{folder}: no image with a mask; pseudo-label a split whose images have masks")
+    tp, gt_n, pred_n = np.diag(conf), conf.sum(1), conf.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (gt_n + pred_n - tp)
+    per_class = {}
+    for k, name in enumerate(names):
+        row = conf[k] / max(gt_n[k], 1)
+        off = [(names[j], round(float(row[j]), 3)) for j in np.argsort(-row) if j != k][:2]
+        per_class[name] = {
+            "iou": None if np.isnan(iou[k]) else round(float(iou[k]), 4),
+            "recall": round(float(tp[k] / max(gt_n[k], 1)), 4),
+            "precision": round(float(tp[k] / max(pred_n[k], 1)), 4),
+            "in_top": round(float(in_top[k] / max(gt_n[k], 1)), 4),
+            "wrong_in_top": round(float(wrong_in_top[k] / max(wrong[k], 1)), 4),
+            "mistaken_for": off,
+        }
+    return {
+        "folder": str(folder),
+        "checkpoint": meta["identity"]["checkpoint"],
+        "images": images,
+        "percent": percent,
+        "pixel_accuracy": round(float(tp.sum() / conf.sum()), 4),
+        "miou": round(float(np.nanmean(iou)), 4),
+        "wrong_in_top": round(float(wrong_in_top.sum() / max(wrong.sum(), 1)), 4),
+        "per_class": per_class,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folders", nargs="+", type=Path, help="semiseg pseudo-label output folders")
+    ap.add_argument("--percent", type=float, default=20.0, help="highest-entropy share of each image (default 20)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON")
+    a = ap.parse_args()
+    if not 0 < a.percent < 100:
+        raise SystemExit(f"--percent {a.percent}: must be between 0 and 100")
+    results = [analyse(f, a.percent) for f in a.folders]
+    for r in results:
+        print(f"\n{r['checkpoint']}  ({r['images']} images)  pixel acc {r['pixel_accuracy']:.3f}  mIoU {100 * r['miou']:.2f}"
+              f"  wrong labels in the top {a.percent:g}% entropy: {100 * r['wrong_in_top']:.0f}%")
+        print(f"{'class':<12}{'IoU':>6}{'recall':>8}{'prec':>7}{'in top':>8}{'wrong in top':>14}  mistaken for")
+        for name, v in r["per_class"].items():
+            iou = "-" if v["iou"] is None else f"{100 * v['iou']:.1f}"
+            off = ", ".join(f"{n} {100 * s:.0f}%" for n, s in v["mistaken_for"])
+            print(f"{name:<12}{iou:>6}{100 * v['recall']:>7.0f}%{100 * v['precision']:>6.0f}%{100 * v['in_top']:>7.0f}%{100 * v['wrong_in_top']:>13.0f}%  {off}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.out.with_suffix(a.out.suffix + ".tmp")
+        tmp.write_text(json.dumps({"results": results}, indent=1) + "\n")
+        tmp.replace(a.out)
+        print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
