@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from semiseg_cli.metrics import ConfusionMatrix  # noqa: E402
 from semiseg_cli.pseudo_label import U16  # noqa: E402
 
 
@@ -36,17 +39,14 @@ def analyse(folder: Path, percent: float) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
     names, root = meta["class_names"], Path(meta["root"])
     c = len(names)
-    conf = np.zeros((c, c), np.int64)
-    in_top = np.zeros(c, np.int64)
-    wrong = np.zeros(c, np.int64)
-    wrong_in_top = np.zeros(c, np.int64)
+    every, top = ConfusionMatrix(c), ConfusionMatrix(c)  # all pixels; the high-entropy ones only
     images = 0
     for line in (folder / "manifest.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if not rec.get("mask"):
             continue
-        gt = np.asarray(Image.open(root / rec["mask"]))
-        pred = np.asarray(Image.open(folder / rec["files"]["label"]))
+        gt = torch.from_numpy(np.asarray(Image.open(root / rec["mask"]), dtype=np.int64))
+        pred = torch.from_numpy(np.asarray(Image.open(folder / rec["files"]["label"]), dtype=np.int64))
         ent = read_entropy(folder / rec["files"]["entropy"])
         valid = gt < c
         if not valid.any():
@@ -54,28 +54,26 @@ def analyse(folder: Path, percent: float) -> dict:
         if (pred[valid] >= c).any():
             raise SystemExit(f"{folder}: pseudo-labels marked unreliable (255); write them without --drop-percent/--min-confidence")
         images += 1
-        top = valid & (ent >= np.percentile(ent[valid], 100 - percent))
-        g, p = gt[valid].astype(np.int64), pred[valid].astype(np.int64)
-        conf += np.bincount(g * c + p, minlength=c * c).reshape(c, c)
-        g_top = gt[top].astype(np.int64)
-        in_top += np.bincount(g_top, minlength=c)
-        bad = valid & (pred != gt)
-        wrong += np.bincount(gt[bad].astype(np.int64), minlength=c)
-        wrong_in_top += np.bincount(gt[bad & top].astype(np.int64), minlength=c)
+        gt = gt.masked_fill(~valid, 255)
+        every.update(pred, gt)
+        high = torch.from_numpy(ent >= np.percentile(ent[valid.numpy()], 100 - percent))
+        top.update(pred, gt.masked_fill(~high, 255))
     if not images:
         raise SystemExit(f"{folder}: no image with a mask; pseudo-label a split whose images have masks")
+    metrics = every.compute()
+    conf, conf_top = every.mat.numpy(), top.mat.numpy()
     tp, gt_n, pred_n = np.diag(conf), conf.sum(1), conf.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (gt_n + pred_n - tp)
+    wrong, wrong_in_top = gt_n - tp, conf_top.sum(1) - np.diag(conf_top)
     per_class = {}
     for k, name in enumerate(names):
         row = conf[k] / max(gt_n[k], 1)
         off = [(names[j], round(float(row[j]), 3)) for j in np.argsort(-row) if j != k][:2]
+        iou = metrics.iou[k]
         per_class[name] = {
-            "iou": None if np.isnan(iou[k]) else round(float(iou[k]), 4),
+            "iou": None if math.isnan(iou) else round(iou, 4),
             "recall": round(float(tp[k] / max(gt_n[k], 1)), 4),
             "precision": round(float(tp[k] / max(pred_n[k], 1)), 4),
-            "in_top": round(float(in_top[k] / max(gt_n[k], 1)), 4),
+            "in_top": round(float(conf_top[k].sum() / max(gt_n[k], 1)), 4),
             "wrong_in_top": round(float(wrong_in_top[k] / max(wrong[k], 1)), 4),
             "mistaken_for": off,
         }
@@ -84,8 +82,8 @@ def analyse(folder: Path, percent: float) -> dict:
         "checkpoint": meta["identity"]["checkpoint"],
         "images": images,
         "percent": percent,
-        "pixel_accuracy": round(float(tp.sum() / conf.sum()), 4),
-        "miou": round(float(np.nanmean(iou)), 4),
+        "pixel_accuracy": round(metrics.aacc, 4),
+        "miou": round(metrics.miou, 4),
         "wrong_in_top": round(float(wrong_in_top.sum() / max(wrong.sum(), 1)), 4),
         "per_class": per_class,
     }
