@@ -36,6 +36,8 @@ def read_entropy(path: Path) -> np.ndarray:
 
 
 def analyse(folder: Path, percent: float) -> dict:
+    if not (folder / "meta.json").is_file() or not (folder / "manifest.jsonl").is_file():
+        raise SystemExit(f"{folder}: not a `semiseg pseudo-label` output folder (no meta.json/manifest.jsonl)")
     meta = json.loads((folder / "meta.json").read_text())
     names, root = meta["class_names"], Path(meta["root"])
     c = len(names)
