@@ -1,4 +1,5 @@
-"""Paired transforms keep image and mask aligned through scale, pad, crop and flip."""
+"""Paired transforms keep image and mask aligned through scale, pad, crop and flip; the batch-level
+strong photometric view does what its parameters say."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from semiseg_cli.data import EvalTransform, TrainTransform, denormalize
+from semiseg_cli.data.transforms import strong_photometric
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 # Far-apart colours, so a resampled pixel maps back to its class unambiguously.
@@ -85,3 +87,62 @@ def test_eval_transform_and_denormalize_round_trip() -> None:
     assert torch.allclose(back * 255, torch.from_numpy(np.array(image)).permute(2, 0, 1).float(), atol=1e-3)
     assert denormalize(x[None], mean, std).shape == (1, 3, 80, 96)
     assert EvalTransform(mean, std)(image, None)[1] is None
+
+
+# ----------------------------------------------------------------------------- strong photometric view
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _normalised(img01: torch.Tensor) -> torch.Tensor:
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (img01 - m) / s
+
+
+def test_strong_photometric_with_every_probability_zero_returns_the_batch() -> None:
+    x = _normalised(torch.rand(3, 3, 12, 16))
+    y = strong_photometric(x, MEAN, STD, p_jitter=0.0, p_gray=0.0, p_blur=0.0)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.allclose(y, x, atol=1e-5)
+
+
+def test_strong_photometric_grayscale_makes_the_channels_equal() -> None:
+    x = _normalised(torch.rand(2, 3, 8, 8))
+    y = denormalize(strong_photometric(x, MEAN, STD, p_jitter=0.0, p_gray=1.0, p_blur=0.0), MEAN, STD)
+    assert torch.allclose(y[:, 0], y[:, 1], atol=1e-5) and torch.allclose(y[:, 1], y[:, 2], atol=1e-5)
+    assert not torch.allclose(y, denormalize(x, MEAN, STD), atol=1e-3)
+
+
+def test_strong_photometric_blur_smooths_but_keeps_a_flat_image_flat() -> None:
+    checker = (torch.arange(16).view(1, 16) + torch.arange(16).view(16, 1)) % 2
+    x = _normalised(checker.float().expand(1, 3, 16, 16).clone())
+    flat = _normalised(torch.full((1, 3, 16, 16), 0.3))
+    y = denormalize(strong_photometric(torch.cat([x, flat]), MEAN, STD, p_jitter=0.0, p_gray=0.0, p_blur=1.0, sigma=(1.0, 2.0)), MEAN, STD)
+    assert float(y[0].std()) < 0.5 * float(checker.float().std())
+    assert torch.allclose(y[1], torch.full_like(y[1], 0.3), atol=1e-4)
+
+
+def test_strong_photometric_draws_per_image_stays_in_range_and_is_seeded() -> None:
+    img = torch.rand(1, 3, 10, 10).expand(4, 3, 10, 10).clone()  # four copies of one image
+    x = _normalised(img)
+    torch.manual_seed(3)
+    y = strong_photometric(x, MEAN, STD, p_jitter=1.0, p_gray=0.0, p_blur=0.0)
+    torch.manual_seed(3)
+    assert torch.equal(y, strong_photometric(x, MEAN, STD, p_jitter=1.0, p_gray=0.0, p_blur=0.0))
+    y01 = denormalize(y, MEAN, STD)
+    assert float(y01.min()) >= -1e-5 and float(y01.max()) <= 1 + 1e-5
+    # Each copy got its own factors: no two outputs alike, all different from the input.
+    for i in range(4):
+        assert not torch.allclose(y[i], x[i], atol=1e-3)
+        for j in range(i + 1, 4):
+            assert not torch.allclose(y[i], y[j], atol=1e-3)
+
+
+def test_strong_photometric_brightness_alone_scales_the_pixels() -> None:
+    img = torch.rand(2, 3, 6, 6) * 0.5  # room to brighten without clipping
+    torch.manual_seed(0)
+    u = torch.rand(2, 8)
+    torch.manual_seed(0)
+    y01 = denormalize(strong_photometric(_normalised(img), MEAN, STD, jitter=(0.5, 0.0, 0.0, 0.0), p_jitter=1.0, p_gray=0.0, p_blur=0.0), MEAN, STD)
+    factor = 1 + (2 * u[:, 1] - 1) * 0.5  # the documented draw: brightness in [0.5, 1.5]
+    assert torch.allclose(y01, img * factor.view(2, 1, 1, 1), atol=1e-4)

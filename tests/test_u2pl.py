@@ -348,6 +348,24 @@ def test_labeled_keys_decides_what_the_teacher_sees(labeled_keys: str) -> None:
         assert torch.allclose(seen["prob_l"], torch.softmax(student_out[0]["logits"][:2].detach(), 1))
 
 
+@pytest.mark.parametrize("photometric", [False, True])
+def test_strong_photometric_perturbs_only_the_students_unlabeled_view(photometric: bool) -> None:
+    torch.manual_seed(0)
+    overrides = [*FAST, "u2pl.sup_only_iters=1", "u2pl.cutmix_prob=0.0", f"u2pl.strong_photometric={str(photometric).lower()}"]
+    m = build_method(make_cfg("u2pl", overrides=overrides), 4)
+    m.train()
+    seen: dict[str, torch.Tensor] = {}
+    m.teacher.register_forward_hook(lambda mod, args, out: seen.update(teacher=args[0]))
+    m.model.register_forward_hook(lambda mod, args, out: seen.update(student=args[0]))
+    lab, unl = batches_for(m, 4)  # 2 labeled + 2 unlabeled images
+    m.training_step(lab, unl, 1)
+    n_l = lab["image"].shape[0]
+    assert torch.equal(seen["teacher"][n_l:], unl["image"])  # pseudo-labels from the weak view
+    assert torch.equal(seen["student"][:n_l], lab["image"])  # the labeled half is never perturbed
+    same = torch.equal(seen["student"][n_l:], unl["image"])
+    assert same != photometric
+
+
 def test_warmup_runs_no_teacher_and_evaluates_the_student() -> None:
     m = build_method(make_cfg("u2pl", overrides=[*FAST, "u2pl.sup_only_iters=2"]), 4)
     m.train()

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 IGNORE = 255
@@ -44,6 +45,55 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
     return x * s + m
+
+
+def strong_photometric(
+    x: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+    p_jitter: float = 0.8,
+    p_gray: float = 0.2,
+    p_blur: float = 0.5,
+    sigma: tuple[float, float] = (0.1, 2.0),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The image-level "strong" perturbation of FixMatch-style segmentation (ST++, UniMatch), on a
+    normalised (B, 3, H, W) batch already on its device; no geometry, so labels stay aligned.
+
+    Per image, each with its own draw: with probability `p_jitter` a colour jitter (brightness,
+    contrast and saturation factors uniform in [1 - j, 1 + j], hue shift uniform in [-j, j], in
+    that fixed order), with `p_gray` grayscale, with `p_blur` a Gaussian blur of sigma uniform in
+    `sigma` (kernel 2*ceil(3 sigma) + 1). Random numbers come from the CPU generator (no device
+    sync, reproducible with `torch.manual_seed`). Returns a new normalised batch.
+    """
+    b = x.shape[0]
+    img = denormalize(x.float(), mean, std).clamp(0, 1)
+    u = torch.rand(b, 8, generator=generator)
+    jb, jc, js, jh = jitter
+    fac = 1 + (2 * u[:, 1:4] - 1) * torch.tensor([jb, jc, js])  # brightness, contrast, saturation
+    hue = (2 * u[:, 4] - 1) * jh
+    coin = lambda i, p: (u[:, i] < p).view(b, 1, 1, 1).to(img.device)  # noqa: E731
+    view = lambda v: v.view(b, 1, 1, 1).to(img.device, img.dtype)  # noqa: E731
+    jit = coin(0, p_jitter)
+    out = (img * view(fac[:, 0])).clamp(0, 1)
+    gray_mean = TF.rgb_to_grayscale(out).mean((1, 2, 3), keepdim=True)
+    out = (gray_mean + view(fac[:, 1]) * (out - gray_mean)).clamp(0, 1)
+    out = (TF.rgb_to_grayscale(out) + view(fac[:, 2]) * (out - TF.rgb_to_grayscale(out))).clamp(0, 1)
+    out = torch.stack([TF.adjust_hue(o, float(h)) if h != 0 else o for o, h in zip(out, hue)])
+    img = torch.where(jit, out, img)
+    img = torch.where(coin(5, p_gray), TF.rgb_to_grayscale(img, num_output_channels=3), img)
+    s = sigma[0] + u[:, 7] * (sigma[1] - sigma[0])
+    k_max = 2 * min(x.shape[-2:]) - 1  # reflect padding needs the half-kernel inside the image
+    kernels = (2 * torch.ceil(3 * s).long() + 1).clamp(max=k_max).tolist()
+    blurred = [
+        TF.gaussian_blur(im, [k, k], [float(sg), float(sg)]) if float(v) < p_blur else im
+        for im, sg, v, k in zip(img, s, u[:, 6], kernels)
+    ]
+    img = torch.stack(blurred)
+    m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    sd = torch.as_tensor(std, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    return ((img - m) / sd).to(x.dtype)
 
 
 class EvalTransform:

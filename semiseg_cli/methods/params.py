@@ -45,6 +45,10 @@ class U2PLParams(_Params):
     # CutMix box edges on multiples of this (the representation stride), so the box is exact on
     # the stride-4 teacher features; 1 = any pixel (the official code's boxes).
     cutmix_align: int = Field(4, ge=1)
+    # Also perturb the student's unlabeled view photometrically before CutMix, per image: colour
+    # jitter 0.5/0.5/0.5/0.25 (p 0.8), grayscale (p 0.2), Gaussian blur sigma 0.1-2 (p 0.5), the
+    # strong view of ST++/UniMatch. Not in U2PL (its strong view is CutMix alone); false = the paper.
+    strong_photometric: bool = False
     contrastive: bool = True
     contrastive_weight: float = Field(0.1, ge=0)  # paper 0.1, official code 1.0
     alpha_0: float = Field(20.0, ge=0, le=50)  # reliable/unreliable percentile, -> 0

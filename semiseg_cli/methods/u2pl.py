@@ -6,7 +6,8 @@ One training step, read top to bottom in `training_step`:
    -> pseudo-label, confidence, entropy on the unlabeled half; probabilities and stride-4
    features on both halves for the contrastive term (`labeled_keys="student"`: the teacher sees
    the unlabeled images only and the labeled half comes from the student's forward, detached);
-3. CutMix (probability 0.5, one box of half the image per sample, sample i with (i+1) mod B)
+3. (`strong_photometric`, not in the paper: colour jitter, grayscale and blur per unlabeled image;)
+   CutMix (probability 0.5, one box of half the image per sample, sample i with (i+1) mod B)
    applied alike to the unlabeled images, pseudo-labels, confidences, entropies, teacher
    probabilities and teacher features;
 4. one student forward over cat(labeled, strong unlabeled) (one call, for DDP);
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semiseg_cli.data.transforms import strong_photometric
 from semiseg_cli.engine import distributed
 from semiseg_cli.engine.ema import EMATeacher
 from semiseg_cli.errors import UserError
@@ -187,6 +189,8 @@ class U2PL(Method):
                 h, w = img_u.shape[-2:]
                 box = cutmix_box_mask(img_u.shape[0], h, w, p.cutmix_area, p.cutmix_align).to(img_u.device)
             mix = (lambda x: cutmix(box, x)) if box is not None else (lambda x: x)
+            if p.strong_photometric:
+                img_u = strong_photometric(img_u, self.cfg.data.mean, self.cfg.data.std)
             img_s, pl_s, conf_s, ent_s = mix(img_u), mix(pl_u), mix(conf_u), mix(ent_u)
 
         # -- student: one forward over labeled + strong unlabeled
