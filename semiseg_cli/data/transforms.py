@@ -39,12 +39,22 @@ def mask_to_tensor(mask: np.ndarray | None) -> torch.Tensor | None:
     return None if mask is None else torch.from_numpy(mask.astype(np.int64))  # a copy: masks from PIL are read-only
 
 
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Undo the normalisation of a 3xHxW or Bx3xHxW tensor (back to about 0..1, for viewing)."""
+def _mean_std(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return m, torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo the normalisation of a 3xHxW or Bx3xHxW tensor (back to about 0..1, for viewing)."""
+    m, s = _mean_std(x, mean, std)
     return x * s + m
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalise a 3xHxW or Bx3xHxW tensor in 0..1 (the inverse of `denormalize`)."""
+    m, s = _mean_std(x, mean, std)
+    return (x - m) / s
 
 
 def strong_photometric(
@@ -91,9 +101,7 @@ def strong_photometric(
         for im, sg, v, k in zip(img, s, u[:, 6], kernels)
     ]
     img = torch.stack(blurred)
-    m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
-    sd = torch.as_tensor(std, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
-    return ((img - m) / sd).to(x.dtype)
+    return normalize(img, mean, std).to(x.dtype)
 
 
 class EvalTransform:
