@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from semiseg_cli.data import EvalTransform, TrainTransform, denormalize
-from semiseg_cli.data.transforms import strong_photometric
+from semiseg_cli.data.transforms import normalize, strong_photometric
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 # Far-apart colours, so a resampled pixel maps back to its class unambiguously.
@@ -95,8 +95,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _normalised(img01: torch.Tensor) -> torch.Tensor:
-    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (img01 - m) / s
+    return normalize(img01, MEAN, STD)
+
+
+def test_normalize_inverts_denormalize() -> None:
+    x = torch.rand(2, 3, 4, 5)
+    assert torch.allclose(denormalize(normalize(x, MEAN, STD), MEAN, STD), x, atol=1e-6)
+    assert torch.allclose(normalize(x[0], MEAN, STD)[1], (x[0, 1] - MEAN[1]) / STD[1])
 
 
 def test_strong_photometric_with_every_probability_zero_returns_the_batch() -> None:
