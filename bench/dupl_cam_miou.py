@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semiseg_cli.data.datasets import build_dataset, get_layout, load_tags  # noqa: E402
+from semiseg_cli.data.transforms import denormalize  # noqa: E402
 from semiseg_cli.engine.checkpoint import load_for_inference  # noqa: E402
 from semiseg_cli.engine.loop import resolve_device  # noqa: E402
 from semiseg_cli.methods.cam import IGNORE, PAR, multi_scale_cam, refine_pseudo_labels  # noqa: E402
-from semiseg_cli.methods.dupl import denormalize  # noqa: E402
 from semiseg_cli.metrics import ConfusionMatrix  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def cam_miou(ckpt: Path, split: str, device: torch.device, tau_high: float | Non
         x = item["image"][None].to(device)
         gt = item["mask"][None].to(device)
         fg = item["tags"][None, 1:].to(device)
-        img = denormalize(x, d.mean, d.std).clamp(0, 1)
+        img = denormalize(x.float(), d.mean, d.std).clamp(0, 1)
         total += int((gt != IGNORE).sum())
         for name, sub in zip(mats, model.subnets):
             cam = multi_scale_cam(sub.cam, x, p.cam_scales, fg)

@@ -29,10 +29,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 def to_tensor(image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """HxWx3 uint8 -> normalised 3xHxW float."""
     arr = np.asarray(image, dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
-    return (x - m) / s
+    return normalize(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), mean, std)
 
 
 def mask_to_tensor(mask: np.ndarray | None) -> torch.Tensor | None:

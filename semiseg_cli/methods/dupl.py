@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg_cli.data.transforms import denormalize
 from semiseg_cli.engine import distributed
 from semiseg_cli.errors import UserError
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
@@ -180,12 +181,6 @@ def flip_where(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     return torch.where(flags.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
-def denormalize(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
-    m = torch.as_tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    return x.float() * s + m
-
-
 @contextmanager
 def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm keeps normalising with batch statistics but does not update its running stats
@@ -289,7 +284,7 @@ class DuPL(Method):
         net: DualNet = distributed.unwrap(self.model)  # type: ignore[assignment]
         logs: dict[str, torch.Tensor] = {}
 
-        img = denormalize(x, d.mean, d.std).clamp(0, 1)
+        img = denormalize(x.float(), d.mean, d.std).clamp(0, 1)
         tau_h = self.tau_high(step, fg_tags)
         logs["tau_h"] = tau_h.mean()
         labels: list[torch.Tensor] | None = None
