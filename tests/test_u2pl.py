@@ -19,6 +19,7 @@ from semiseg_cli.methods.u2pl import U2PL
 from semiseg_cli.methods.u2pl_losses import (
     MemoryBank,
     align_distribution,
+    prior_adjustment,
     alpha_at,
     contrastive_loss,
     contrastive_masks,
@@ -501,6 +502,79 @@ def test_distribution_alignment_turns_an_under_predicted_class_into_pseudo_label
     m.training_step(lab, unl, 0)
     share = lambda pl: float((pl == rare).float().mean())  # noqa: E731
     assert share(plain) < 0.25 and share(captured["pl"]) > 0.5
+
+
+def test_unsup_loss_adds_the_prior_adjustment_to_every_pixels_logits() -> None:
+    # Two classes, zero logits, target 0: the adjustment (0, ln 3) makes the softmax (1/4, 3/4).
+    logits = torch.zeros(1, 2, 1, 2)
+    target = torch.zeros(1, 1, 2, dtype=torch.long)
+    ent = torch.zeros(1, 1, 2)
+    adjust = torch.tensor([0.0, math.log(3.0)])
+    loss, _ = unsup_loss(logits, target, ent, torch.tensor(1.0), "mean", 255, adjust)
+    assert loss.item() == pytest.approx(math.log(4.0), rel=1e-6)
+    assert unsup_loss(logits, target, ent, torch.tensor(1.0), "mean")[0].item() == pytest.approx(math.log(2.0))
+    # Equal priors: no shift at all.
+    pri = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.equal(prior_adjustment(pri, pri), torch.zeros(3))
+    assert torch.allclose(prior_adjustment(torch.tensor([0.1, 0.9]), torch.tensor([0.4, 0.6])),
+                          torch.tensor([math.log(0.25), math.log(1.5)]))
+
+
+def test_prior_adjustment_makes_the_loss_fit_the_labeled_prior_not_the_pseudo_labels() -> None:
+    """Targets drawn with the pseudo-labels' frequencies (class 2 rare): plain CE learns those
+    frequencies; with the adjustment the raw logits' softmax learns the labeled prior instead."""
+    source = torch.tensor([0.6, 0.38, 0.02])  # kept pseudo-labels
+    target = torch.tensor([0.5, 0.3, 0.2])  # labeled pixels
+    labels = torch.cat([torch.full((int(n),), c) for c, n in enumerate(source * 1000)]).view(1, 1, -1)
+    ent = torch.zeros(labels.shape, dtype=torch.float32)
+
+    def fit(adjust: torch.Tensor | None) -> torch.Tensor:
+        z = torch.zeros(3, requires_grad=True)
+        opt = torch.optim.LBFGS([z], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            logits = z.view(1, 3, 1, 1).expand(1, 3, 1, labels.shape[-1])
+            loss = unsup_loss(logits, labels, ent, torch.tensor(1.0), "mean", 255, adjust)[0]
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return torch.softmax(z.detach(), 0)
+
+    assert torch.allclose(fit(None), source, atol=1e-3)
+    assert torch.allclose(fit(prior_adjustment(source, target)), target, atol=1e-3)
+
+
+def test_prior_adjustment_tracks_the_kept_pseudo_labels_and_is_saved(monkeypatch: pytest.MonkeyPatch) -> None:
+    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=1", "u2pl.unsup_prior_adjust=true", "u2pl.align_momentum=0.5")
+    from semiseg_cli.methods import u2pl as u2pl_module
+
+    real, seen = u2pl_module.unsup_loss, []
+
+    def spy(logits, target, ent, thresh, norm, ignore, adjust=None):  # type: ignore[no-untyped-def]
+        loss, keep = real(logits, target, ent, thresh, norm, ignore, adjust)
+        freq = torch.bincount(target[keep].flatten(), minlength=4).float()
+        seen.append((freq / freq.sum(), adjust.clone()))
+        return loss, keep
+
+    monkeypatch.setattr(u2pl_module, "unsup_loss", spy)
+    lab, _ = batches_for(m, 4)
+    counts = torch.bincount(lab["mask"][lab["mask"] != 255].flatten(), minlength=4).double()
+    run(0)  # warm-up: labels counted, no pseudo-labels yet
+    assert not m.pl_prior.any() and not seen
+    run(1)  # first semi step: the prior is this batch's kept pseudo-label frequencies
+    assert torch.allclose(m.pl_prior, seen[0][0], atol=1e-6)
+    label_prior = (counts / counts.sum()).float()
+    assert torch.allclose(seen[0][1], prior_adjustment(seen[0][0], label_prior), atol=1e-5)
+    run(2)  # then an EMA with the momentum, and the loss uses the updated prior
+    assert torch.allclose(m.pl_prior, 0.5 * seen[0][0] + 0.5 * seen[1][0], atol=1e-6)
+    assert torch.allclose(seen[1][1], prior_adjustment(m.pl_prior, label_prior), atol=1e-5)
+    shift = m.extra_log()
+    assert shift["prior_adjust/c1"] == pytest.approx(float(seen[1][1][1]), rel=1e-4, abs=1e-6)
+    assert {"label_counts", "pl_prior"} <= m.state_dict().keys() and "pred_prior" not in m.state_dict()
+    plain = build_method(make_cfg("u2pl", overrides=FAST), 4)
+    assert "pl_prior" not in plain.state_dict()
 
 
 def test_ema_decay_schedule_caps_at_the_configured_decay() -> None:

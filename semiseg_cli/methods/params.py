@@ -78,6 +78,13 @@ class U2PLParams(_Params):
     # class c by (labeled pixels' frequency of c) / (running mean teacher probability of c), the
     # latter an EMA with `align_momentum` per step. "none" = the paper. docs/methods_u2pl.md.
     pseudo_label_align: Literal["none", "distribution"] = "none"
+    # Label-shift correction of the unsupervised CE (not in U2PL; logit adjustment, Menon et al.
+    # 2021): the student's unlabeled logits get log(pi_pl[c]) - log(pi_lab[c]) added inside that
+    # loss, pi_pl the running class frequencies of the kept pseudo-labels and pi_lab the labeled
+    # pixels'. Rare classes the teacher seldom pseudo-labels are then no longer pushed down by
+    # every unlabeled pixel, so the student keeps the labeled prior. false = the paper.
+    unsup_prior_adjust: bool = False
+    # EMA momentum per step of the running priors above (teacher prediction, kept pseudo-labels).
     align_momentum: float = Field(0.99, ge=0, lt=1)
     # The schedules (p_t and alpha_t) are "per epoch" in the paper; epochs are counted in
     # iterations of this length (0: the unlabeled pool size divided by the unlabeled batch).

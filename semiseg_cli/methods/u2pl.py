@@ -45,6 +45,7 @@ from semiseg_cli.methods.u2pl_losses import (
     epoch_fraction,
     last_per_class,
     percentiles,
+    prior_adjustment,
     resize_nearest,
     unsup_loss,
 )
@@ -69,14 +70,18 @@ class U2PL(Method):
         # student during the supervised-only epoch too).
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self._last_decay = 0.0
-        # Distribution alignment state (only with the option on, so other checkpoints keep their
-        # keys): labeled pixel counts per class since step 0, and the EMA of the teacher's mean
-        # unlabeled prediction (all zeros until the first semi-supervised step).
+        # Distribution alignment and prior adjustment state (only with an option on, so other
+        # checkpoints keep their keys): labeled pixel counts per class since step 0, the EMA of the
+        # teacher's mean unlabeled prediction and that of the kept pseudo-labels' class
+        # frequencies (all zeros until the first semi-supervised step).
         align = p.pseudo_label_align == "distribution"
+        adjust = p.unsup_prior_adjust
         self.label_counts: Tensor | None
         self.pred_prior: Tensor | None
-        self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64) if align else None)
+        self.pl_prior: Tensor | None
+        self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64) if align or adjust else None)
         self.register_buffer("pred_prior", torch.zeros(num_classes) if align else None)
+        self.register_buffer("pl_prior", torch.zeros(num_classes) if adjust else None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -201,7 +206,10 @@ class U2PL(Method):
 
         valid_u = pl_s != ignore
         thr = percentiles(ent_s, valid_u, [p_t, alpha_t, 100.0 - alpha_t])
-        loss_u, keep = unsup_loss(out["logits"][n_l:], pl_s, ent_s, thr[0], p.unsup_norm, ignore)
+        adjust = None
+        if self.pl_prior is not None:
+            adjust = self._pseudo_label_adjustment(pl_s, valid_u & (ent_s < thr[0]))
+        loss_u, keep = unsup_loss(out["logits"][n_l:], pl_s, ent_s, thr[0], p.unsup_norm, ignore, adjust)
         loss = loss + p.unsup_weight * loss_u
         reliable = valid_u & (ent_s <= thr[1])
         unreliable = valid_u & (ent_s >= thr[2])
@@ -245,11 +253,26 @@ class U2PL(Method):
     def _align(self, prob_u: Tensor) -> Tensor:
         """Update the running mean teacher prediction with this batch (all ranks), then align."""
         assert self.pred_prior is not None and self.label_counts is not None
-        cur = distributed.all_reduce_mean(prob_u.float().mean((0, 2, 3)))
-        m = self.p.align_momentum
-        started = self.pred_prior.sum() > 0
-        self.pred_prior.copy_(torch.where(started, m * self.pred_prior + (1 - m) * cur, cur))
+        self._update_prior(self.pred_prior, distributed.all_reduce_mean(prob_u.float().mean((0, 2, 3))))
         return align_distribution(prob_u, self._label_prior().to(prob_u.dtype), self.pred_prior.to(prob_u.dtype))
+
+    def _pseudo_label_adjustment(self, pl: Tensor, keep: Tensor) -> Tensor:
+        """Update the running class frequencies of the kept pseudo-labels with this batch (all
+        ranks' pixels), then return the unsupervised CE's logit adjustment."""
+        assert self.pl_prior is not None
+        c = self.num_classes
+        counts = torch.bincount(torch.where(keep, pl, c).flatten(), minlength=c + 1)[:c]
+        counts = distributed.all_reduce_sum_(counts.float())
+        total = counts.sum()
+        self._update_prior(self.pl_prior, counts / total.clamp_min(1), total > 0)
+        return prior_adjustment(self.pl_prior, self._label_prior())
+
+    def _update_prior(self, prior: Tensor, cur: Tensor, use: Tensor | None = None) -> None:
+        """EMA with `align_momentum`, started at the first value; left as it is where `use` (a
+        0-d bool tensor, so no host sync) is false."""
+        m = self.p.align_momentum
+        new = torch.where(prior.sum() > 0, m * prior + (1 - m) * cur, cur)
+        prior.copy_(new if use is None else torch.where(use, new, prior))
 
     def _label_prior(self) -> Tensor:
         """Class frequencies of the labeled pixels counted so far (the alignment's target)."""
@@ -329,6 +352,10 @@ class U2PL(Method):
             ratio = (self._label_prior().float().clamp_min(1e-6) / self.pred_prior.clamp_min(1e-6)).tolist()
             for name, r in zip(self.class_names, ratio):
                 log[f"align_ratio/{name}"] = r
+        if self.pl_prior is not None and float(self.pl_prior.sum()) > 0:
+            shift = prior_adjustment(self.pl_prior, self._label_prior()).tolist()
+            for name, a in zip(self.class_names, shift):
+                log[f"prior_adjust/{name}"] = a
         return log
 
 

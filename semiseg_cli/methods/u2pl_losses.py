@@ -77,6 +77,7 @@ def unsup_loss(
     thresh: Tensor,
     norm: str = "official",
     ignore_index: int = 255,
+    adjust: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of the student on the pseudo-labels, ignoring pixels whose teacher entropy is
     at or above `thresh` (the p_t-th percentile). Returns `(loss, kept mask)`.
@@ -84,8 +85,11 @@ def unsup_loss(
     `norm="official"`: mean CE over kept pixels times `B*H*W / #kept` (the official code's
     re-weighting, which grows the loss as more pixels are dropped); `"mean"`: the plain mean over
     kept pixels. Nothing kept gives a zero that still depends on `logits` (DDP needs the graph).
+    `adjust` (`(C,)`, see `prior_adjustment`) is added to every pixel's logits inside the loss.
     """
     logits = logits.float()
+    if adjust is not None:
+        logits = logits + adjust.to(logits.dtype).view(1, -1, *([1] * (logits.dim() - 2)))
     keep = (target != ignore_index) & (ent < thresh)
     tgt = torch.where(keep, target, torch.full_like(target, ignore_index))
     ce_sum = F.cross_entropy(logits, tgt, ignore_index=ignore_index, reduction="sum")
@@ -110,6 +114,18 @@ def align_distribution(prob: Tensor, target: Tensor, current: Tensor, eps: float
     ratio = target.clamp_min(eps) / current.clamp_min(eps)
     scaled = prob * ratio.to(prob.dtype).view(1, -1, *([1] * (prob.dim() - 2)))
     return scaled / scaled.sum(1, keepdim=True).clamp_min(eps)
+
+
+def prior_adjustment(source: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Logit adjustment for label shift (Menon et al. 2021; not part of U2PL):
+    `log(source[c]) - log(target[c])`, both `(C,)` class priors.
+
+    Added to the logits inside a cross-entropy whose targets follow `source` (the kept
+    pseudo-labels), it makes the softmax of the raw logits fit `target` (the labeled prior)
+    instead: the loss minimiser moves from `source` to `target`. A class the targets hold less
+    often than `target` gets a negative shift, so the loss stops pushing its logit down.
+    """
+    return torch.log(source.float().clamp_min(eps)) - torch.log(target.float().clamp_min(eps))
 
 
 # ----------------------------------------------------------------------------- CutMix
