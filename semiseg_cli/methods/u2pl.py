@@ -275,7 +275,7 @@ class U2PL(Method):
         prior.copy_(new if use is None else torch.where(use, new, prior))
 
     def _label_prior(self) -> Tensor:
-        """Class frequencies of the labeled pixels counted so far (the alignment's target)."""
+        """Class frequencies of the labeled pixels counted so far (alignment's and adjustment's target)."""
         assert self.label_counts is not None
         return self.label_counts / self.label_counts.sum().clamp_min(1)
 
