@@ -243,12 +243,16 @@ class U2PL(Method):
         return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
 
     def _count_labels(self, mask: Tensor) -> None:
-        """Add the labeled batch's pixels per class (all ranks') to `label_counts`, without a
-        host sync (ignored pixels land in an extra bin that is dropped)."""
+        """Add the labeled batch's pixels per class (all ranks') to `label_counts`."""
+        valid = (mask >= 0) & (mask < self.num_classes)
+        self.label_counts += self._class_counts(mask, valid)
+
+    def _class_counts(self, labels: Tensor, valid: Tensor) -> Tensor:
+        """Pixels per class where `valid`, summed over all ranks, without a host sync (invalid
+        pixels land in an extra bin that is dropped)."""
         c = self.num_classes
-        valid = (mask >= 0) & (mask < c)
-        counts = torch.bincount(torch.where(valid, mask, c).flatten(), minlength=c + 1)[:c]
-        self.label_counts += distributed.all_reduce_sum_(counts.to(self.label_counts.dtype))
+        counts = torch.bincount(torch.where(valid, labels, c).flatten(), minlength=c + 1)[:c]
+        return distributed.all_reduce_sum_(counts.double())  # exact well past float32's 2**24
 
     def _align(self, prob_u: Tensor) -> Tensor:
         """Update the running mean teacher prediction with this batch (all ranks), then align."""
@@ -260,9 +264,7 @@ class U2PL(Method):
         """Update the running class frequencies of the kept pseudo-labels with this batch (all
         ranks' pixels), then return the unsupervised CE's logit adjustment."""
         assert self.pl_prior is not None
-        c = self.num_classes
-        counts = torch.bincount(torch.where(keep, pl, c).flatten(), minlength=c + 1)[:c]
-        counts = distributed.all_reduce_sum_(counts.float())
+        counts = self._class_counts(pl, keep)
         total = counts.sum()
         self._update_prior(self.pl_prior, counts / total.clamp_min(1), total > 0)
         return prior_adjustment(self.pl_prior, self._label_prior())
