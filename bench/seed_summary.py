@@ -5,13 +5,16 @@
 
 Runs are matched across files by their label (the run folder's name); the gap of each run to the
 base run is taken within a file (same seed, same init), then averaged over the files that have
-both. Prints mIoU per seed, mean and standard deviation, and the mean paired gap per class.
+both. Prints mIoU per seed, mean and standard deviation, the mean paired gap with its standard
+error (standard deviation of the paired gaps over the square root of their number), the seeds
+won, and the mean paired gap per class.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -51,6 +54,7 @@ def summarise(files: dict[str, dict], base: str) -> dict:
             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "gap": gaps,
             "mean_gap": statistics.fmean(gaps.values()) if gaps else None,
+            "gap_se": statistics.stdev(gaps.values()) / len(gaps) ** 0.5 if len(gaps) > 1 else None,
             "wins": sum(g > 0 for g in gaps.values()),
             "mean_class_gap": class_gap,
         }
@@ -68,13 +72,17 @@ def main() -> None:
     seeds = summary["seeds"]
     table = Table(title=f"mIoU per seed, paired gap to {args.base}")
     table.add_column("run")
-    for s in seeds:
-        table.add_column(s, justify="right")
-    for col in ("mean ± std", "mean gap", "wins"):
+    common = os.path.commonprefix(seeds) if len(seeds) > 1 else ""
+    common = common[: common.rfind("_") + 1]  # cut at a "_": "1200", "1200_s1", ...
+    for s in seeds:  # headers without the file names' common prefix
+        table.add_column(s[len(common):] or s, justify="right")
+    for col in ("mean ± std", "mean gap ± se", "wins"):
         table.add_column(col, justify="right")
     for name, r in summary["runs"].items():
         cells = [f"{r['mIoU'][s]:.2f}" if s in r["mIoU"] else "-" for s in seeds]
         gap = "" if name == args.base or r["mean_gap"] is None else f"{r['mean_gap']:+.2f}"
+        if gap and r["gap_se"] is not None:
+            gap += f" ± {r['gap_se']:.2f}"
         wins = "" if name == args.base else f"{r['wins']}/{len(r['gap'])}"
         table.add_row(name, *cells, f"{r['mean']:.2f} ± {r['std']:.2f}", gap, wins)
     console = Console()
