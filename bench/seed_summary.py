@@ -7,7 +7,9 @@ Runs are matched across files by their label (the run folder's name); the gap of
 base run is taken within a file (same seed, same init), then averaged over the files that have
 both. Prints mIoU per seed, mean and standard deviation, the mean paired gap with its standard
 error (standard deviation of the paired gaps over the square root of their number), the seeds
-won, and the mean paired gap per class.
+won, the two-sided p-value of an exact sign-flip permutation test of the mean gap (how often the
+2^n sign patterns of the gaps give a mean at least as far from zero), and the mean paired gap per
+class.
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ from rich.table import Table
 def _name(label: str) -> str:
     # compare_runs labels are "method (folder)"; the folder names the run.
     return label.rsplit("(", 1)[-1].rstrip(")") if "(" in label else label
+
+
+def sign_flip_p(gaps: list[float]) -> float | None:
+    """Two-sided exact paired permutation test: the share of the 2^n sign flips of the gaps whose
+    mean is at least as far from 0 as the observed one (None for fewer than two gaps)."""
+    if len(gaps) < 2:
+        return None
+    observed = abs(sum(gaps)) - 1e-9
+    hits = sum(
+        abs(sum(-g if flips >> i & 1 else g for i, g in enumerate(gaps))) >= observed
+        for flips in range(2 ** len(gaps))
+    )
+    return hits / 2 ** len(gaps)
 
 
 def summarise(files: dict[str, dict], base: str) -> dict:
@@ -56,6 +71,7 @@ def summarise(files: dict[str, dict], base: str) -> dict:
             "mean_gap": statistics.fmean(gaps.values()) if gaps else None,
             "gap_se": statistics.stdev(gaps.values()) / len(gaps) ** 0.5 if len(gaps) > 1 else None,
             "wins": sum(g > 0 for g in gaps.values()),
+            "p_sign_flip": sign_flip_p(list(gaps.values())) if name != base else None,
             "mean_class_gap": class_gap,
         }
     return {"base": base, "seeds": seeds, "runs": out}
@@ -76,7 +92,7 @@ def main() -> None:
     common = common[: common.rfind("_") + 1]  # cut at a "_": "1200", "1200_s1", ...
     for s in seeds:  # headers without the file names' common prefix
         table.add_column(s[len(common):] or s, justify="right")
-    for col in ("mean ± std", "mean gap ± se", "wins"):
+    for col in ("mean ± std", "mean gap ± se", "wins", "p"):
         table.add_column(col, justify="right")
     for name, r in summary["runs"].items():
         cells = [f"{r['mIoU'][s]:.2f}" if s in r["mIoU"] else "-" for s in seeds]
@@ -84,7 +100,8 @@ def main() -> None:
         if gap and r["gap_se"] is not None:
             gap += f" ± {r['gap_se']:.2f}"
         wins = "" if name == args.base else f"{r['wins']}/{len(r['gap'])}"
-        table.add_row(name, *cells, f"{r['mean']:.2f} ± {r['std']:.2f}", gap, wins)
+        p = "" if r["p_sign_flip"] is None else f"{r['p_sign_flip']:.3f}"
+        table.add_row(name, *cells, f"{r['mean']:.2f} ± {r['std']:.2f}", gap, wins, p)
     console = Console()
     console.print(table)
     for name, r in summary["runs"].items():
