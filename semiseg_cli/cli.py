@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from semiseg_cli import __version__
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, held_warnings
 
 F = TypeVar("F", bound=Callable[..., Any])
+_UNSET = object()
 
 app = typer.Typer(
     name="semiseg",
@@ -46,7 +47,8 @@ def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with held_warnings():
+                return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
@@ -152,48 +154,35 @@ def train_cmd(
 ) -> None:
     """Train a model (supervised baseline, U2PL, AdvSemiSeg or DuPL).
 
-    Example: [cyan]semiseg train --preset u2pl_mbv2-os16_1x4+4-1500it_camvid-224x288 --labeled 1/8[/]
+    Example: [cyan]semiseg train --preset u2pl_mbv2-os16_1x4+4-1200it_camvid-176x224 --labeled 1/8[/]
     """
-    from semiseg_cli.config import build_config, config_to_toml, list_presets as _list
+    from semiseg_cli.config import config_to_toml, list_presets as _list
+    from semiseg_cli.engine.setup import check_run_config, resolve_run_config
 
     if list_presets:
         for name in _list():
             out_console.print(name)
         return
-    overrides = list(set_ or [])
-    shortcut = {
-        "data.labeled": f'"{labeled}"' if labeled else ("none" if labeled_list else None),
-        "data.labeled_list": f'"{labeled_list}"' if labeled_list else None,
-        "data.unlabeled_list": f'"{unlabeled_list}"' if unlabeled_list else None,
-        "data.root": f'"{root}"' if root else None,
-        "train.iters": iters,
-        "data.batch_size": batch_size,
-        "optim.lr": lr,
-        "data.crop_size": list(parse_size(crop_size, "--crop-size")) if crop_size else None,
-        "train.device": f'"{device}"' if device else None,
-        "train.seed": seed,
-        "out": f'"{out}"' if out else None,
-    }
-    for key, val in shortcut.items():
-        if val is not None:
-            overrides.append(f"{key}={val}")
     if labeled and labeled_list:
         raise UserError("--labeled and --labeled-list contradict each other; pass one of them")
-    cfg = build_config(preset, overrides, method)
-    if cfg.out == "runs/run":  # default folder: name it after the preset and method
-        cfg.out = f"runs/{cfg.name}" if cfg.method in cfg.name else f"runs/{cfg.name}-{cfg.method}"
-    last = Path(cfg.out) / "last.pt"
-    if resume and not overwrite and last.is_file():
-        # A resumed run continues with the config stored in its checkpoint; the options given
-        # now may only change what RESUME_MAY_CHANGE lists.
-        from semiseg_cli.config import resume_config
-        from semiseg_cli.engine.checkpoint import load_checkpoint
-
-        out_dir = cfg.out
-        stored = load_checkpoint(last, mmap=True)["config"]  # the tensors stay on disk: train() loads them
-        cfg = resume_config(stored, overrides, cfg if (preset or method) else None)
-        cfg.out = out_dir
+    # Typed values, never TOML text: a path with a backslash or a quote stays what was typed.
+    shortcut: dict[str, Any] = {
+        "data.labeled": labeled if labeled else (None if labeled_list else _UNSET),
+        "data.labeled_list": str(labeled_list) if labeled_list else _UNSET,
+        "data.unlabeled_list": str(unlabeled_list) if unlabeled_list else _UNSET,
+        "data.root": str(root) if root else _UNSET,
+        "train.iters": iters if iters is not None else _UNSET,
+        "data.batch_size": batch_size if batch_size is not None else _UNSET,
+        "optim.lr": lr if lr is not None else _UNSET,
+        "data.crop_size": list(parse_size(crop_size, "--crop-size")) if crop_size else _UNSET,
+        "train.device": device if device else _UNSET,
+        "train.seed": seed if seed is not None else _UNSET,
+        "out": str(out) if out else _UNSET,
+    }
+    values = {k: v for k, v in shortcut.items() if v is not _UNSET}
+    cfg = resolve_run_config(preset, method, list(set_ or []), values, resume=resume, overwrite=overwrite)
     if dry_run:
+        check_run_config(cfg, resume=resume, overwrite=overwrite)  # every rule `train` applies before starting
         out_console.print(config_to_toml(cfg), highlight=False, markup=False)
         return
     from semiseg_cli.engine.loop import train
@@ -218,7 +207,7 @@ def train_cmd(
 def eval_cmd(
     checkpoint: Checkpoint,
     split: Annotated[str, typer.Option(help="Dataset split (val, test) or a split file.")] = "val",
-    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since training.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since training.", rich_help_panel="Data")] = None,
     mode: ModeOpt = None,
     scales: ScalesOpt = None,
     flip: FlipOpt = False,
@@ -227,10 +216,14 @@ def eval_cmd(
     device: DeviceOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
     confusion_png: Annotated[Optional[Path], typer.Option(help="Write the row-normalised confusion matrix as PNG.")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel="Runtime")] = 2,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default 2).", rich_help_panel="Runtime")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass; batches only ever hold images of one size (default: the checkpoint's eval.batch_size).", rich_help_panel="Runtime")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="eval.* or data.root / data.workers / data.resize: key=value (repeatable).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Evaluate a checkpoint: mIoU, aAcc, mAcc and the per-class IoU table.
+
+    Images of different sizes are fine: each batch holds images of one size.
 
     Example: [cyan]semiseg eval -c runs/demo/best.pt --split val --scales 0.75,1.0,1.25 --flip --json report.json[/]
     """
@@ -242,7 +235,7 @@ def eval_cmd(
         checkpoint, split=split, root=root, mode=mode, scales=parse_floats(scales, "--scales"), flip=flip,
         crop_size=parse_size(crop_size, "--crop-size") if crop_size else None, weights=weights,
         device=device, json_out=json_out, confusion_png=confusion_png, workers=workers,
-        overwrite=overwrite, console=out_console,
+        overwrite=overwrite, console=out_console, batch_size=batch_size, sets=list(set_ or []),
     )
 
 

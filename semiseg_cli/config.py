@@ -22,6 +22,14 @@ from semiseg_cli.errors import UserError
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bounds shared by several fields. Values outside them fail deep inside torch (or silently run
+# something else), so they are refused here with the field's name.
+MAX_ITERS = 10**9
+Pos = Annotated[int, Field(ge=1)]
+PosFloat = Annotated[float, Field(gt=0)]
+Side = Annotated[int, Field(ge=8, le=16384)]
+Scale = Annotated[float, Field(gt=0, le=8)]
+Unit = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Section(BaseModel):
@@ -44,20 +52,20 @@ class DataConfig(Section):
     unlabeled_list: str | None = None
     # ... or a fraction/count; the split is then drawn at train time with `split_seed`.
     labeled: str | None = None
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)
     # Image-level tags file (DuPL); `None` derives tags from the masks.
     tags_file: str | None = None
     # Resize every image by this factor when read (CamVid at half resolution: 0.5).
     resize: float = 1.0
-    crop_size: tuple[int, int] = (128, 128)
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: tuple[Side, Side] = (128, 128)
+    scale_range: tuple[Scale, Scale] = (0.5, 2.0)
     flip: bool = True
-    batch_size: int = Field(8, ge=1)
-    unlabeled_batch_size: int | None = Field(None, ge=1)
-    workers: int = Field(2, ge=0)
+    batch_size: int = Field(8, ge=1, le=4096)
+    unlabeled_batch_size: int | None = Field(None, ge=1, le=4096)
+    workers: int = Field(2, ge=0, le=256)
     ignore_index: int = IGNORE_INDEX
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PosFloat, PosFloat, PosFloat] = IMAGENET_STD
 
     @field_validator("resize")
     @classmethod
@@ -88,19 +96,19 @@ class ModelConfig(Section):
     backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v2"] = "resnet18"
     output_stride: Literal[8, 16] = 16
     deep_stem: bool = False
-    multi_grid: tuple[int, int, int] | None = None
+    multi_grid: tuple[Pos, Pos, Pos] | None = None
     # "imagenet" (torchvision download, for users), a path to a local state dict, or none.
     pretrained: str | None = None
-    aspp_dilations: tuple[int, ...] | None = None  # None: (6,12,18) at OS16, (12,24,36) at OS8
-    aspp_channels: int = 256
-    decoder_channels: int = 256
+    aspp_dilations: tuple[Pos, ...] | None = Field(None, min_length=1)  # None: (6,12,18) at OS16, (12,24,36) at OS8
+    aspp_channels: int = Field(256, ge=1)
+    decoder_channels: int = Field(256, ge=1)
     # Layer1 projection width (DeepLab-v3+ paper: 48; U2PL: 256, its heads then take 512 channels)
     # and the ASPP projection's kernel (paper: 1; U2PL: 3). DeepLab-v3+ only.
     low_proj_channels: int = Field(48, ge=1)
     aspp_project_kernel: Literal[1, 3] = 1
-    dropout: float = 0.1
+    dropout: float = Field(0.1, ge=0, lt=1)
     rep_head: bool = False  # U2PL representation head
-    rep_dim: int = 256
+    rep_dim: int = Field(256, ge=1)
     aux_head: bool = False  # auxiliary classifier on layer3 (Cityscapes recipe)
     # DeepLab-v2 classifier: the paper sums all four branches; the official code only two.
     v2_branches: Literal[2, 4] = 4
@@ -111,23 +119,23 @@ class OptimConfig(Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
     head_lr_mult: float = Field(10.0, gt=0)
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    poly_power: float = 0.9
-    warmup_iters: int = Field(0, ge=0)
+    betas: tuple[Unit, Unit] = (0.9, 0.999)
+    poly_power: float = Field(0.9, ge=0, le=10)  # 0: constant LR; negative would raise it
+    warmup_iters: int = Field(0, ge=0, le=MAX_ITERS)
 
 
 class TrainConfig(Section):
-    iters: int = Field(1000, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    iters: int = Field(1000, ge=1, le=MAX_ITERS)
+    grad_accum: int = Field(1, ge=1, le=1024)
     amp: bool = True  # bf16 autocast; only on CUDA
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loss: Literal["ce", "ohem"] = "ce"
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100000
-    aux_weight: float = 0.4
+    ohem_thresh: float = Field(0.7, gt=0, le=1)
+    ohem_min_kept: int = Field(100000, ge=1)
+    aux_weight: float = Field(0.4, ge=0)
     log_interval: int = Field(10, ge=1)
     val_interval: int = Field(500, ge=0)  # 0: validate only at the end
     ckpt_interval: int = Field(500, ge=1)
@@ -136,11 +144,11 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     mode: Literal["whole", "slide"] = "whole"
-    crop_size: tuple[int, int] | None = None  # slide window; defaults to data.crop_size
-    stride: tuple[int, int] | None = None  # slide stride; defaults to 2/3 of the window
-    scales: tuple[float, ...] = (1.0,)
+    crop_size: tuple[Side, Side] | None = None  # slide window; defaults to data.crop_size
+    stride: tuple[Pos, Pos] | None = None  # slide stride; defaults to 2/3 of the window
+    scales: tuple[Scale, ...] = Field((1.0,), min_length=1)
     flip: bool = False
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, le=4096)
 
 
 class RunBase(Section):
@@ -215,13 +223,13 @@ def resolve_preset(name_or_path: str) -> Path:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
+    from semiseg_cli.io import read_text
+
+    text = read_text(path, "preset")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"preset {path} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise UserError(f"cannot read preset {path}: {e.strerror}") from None
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -256,31 +264,52 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply `section.key=value` to a raw config dict in place."""
+    """Apply `section.key=value` (the value parsed as TOML) to a raw config dict in place."""
     if "=" not in assignment:
         raise UserError(f"--set {assignment!r} must look like section.key=value, e.g. --set train.iters=200")
     key, value = assignment.split("=", 1)
+    set_value(raw, key, _parse_value(value.strip()))
+
+
+def set_value(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` to an already typed `value` in a raw config dict, in place.
+
+    Command-line options (`--root`, `--out`, `--iters`, ...) come through here, never through
+    TOML text, so a path holding backslashes or quotes stays exactly what the user typed."""
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise UserError(f"--set {assignment!r} has an empty key; use section.key=value")
+        raise UserError(f"--set {key!r} has an empty key; use section.key=value")
     node = raw
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
             raise UserError(f"--set {key}: {p} is a value, not a section")
         node = nxt
-    node[parts[-1]] = _parse_value(value.strip())
+    node[parts[-1]] = value
 
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"] if not isinstance(x, int) or True)
+
+    def dotted(parts: tuple[Any, ...]) -> str:  # ("data", "crop_size", 0) -> "data.crop_size[0]"
+        out = ""
+        for x in parts:
+            out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+        return out
+
+    loc = dotted(tuple(first["loc"]))
     # Drop the union tag pydantic inserts (e.g. "u2pl.") at the front of the location.
     tag = first["loc"][0] if first["loc"] else None
     if tag in METHOD_NAMES and len(first["loc"]) > 1:
-        loc = ".".join(str(x) for x in first["loc"][1:])
+        loc = dotted(tuple(first["loc"][1:]))
     kind = first["type"]
-    if kind == "extra_forbidden":
+    section = loc.split(".", 1)[0]
+    if kind == "extra_forbidden" and section in METHOD_NAMES and tag in METHOD_NAMES and section != tag:
+        msg = (
+            f"{loc!r} in {source} belongs to method {section}, but this config's method is {tag}; "
+            f"add --method {section} (or --set method={section}), or drop the [{section}] settings"
+        )
+    elif kind == "extra_forbidden":
         msg = f"unknown key {loc!r} in {source}; check the spelling against docs/presets.md"
     elif kind == "union_tag_invalid":
         msg = f"method must be one of {', '.join(METHOD_NAMES)} in {source}"
@@ -308,8 +337,10 @@ def build_config(
     preset: str | None,
     overrides: list[str] | None = None,
     method: str | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Any:
-    """Load a preset (or the defaults), switch method if asked, apply overrides, validate."""
+    """Load a preset (or the defaults), switch method if asked, apply the `--set` overrides
+    (TOML text) and then `values` (typed, from command-line options), validate."""
     if preset:
         path = resolve_preset(preset)
         raw = load_preset(path)
@@ -327,7 +358,9 @@ def build_config(
             raw["method"] = method
     for ov in overrides or []:
         apply_override(raw, ov)
-    return validate(raw, source + (" with overrides" if overrides else ""))
+    for key, value in (values or {}).items():
+        set_value(raw, key, value)
+    return validate(raw, source + (" with overrides" if overrides or values else ""))
 
 
 def config_to_toml(cfg: Any) -> str:
@@ -392,7 +425,7 @@ def config_differences(a: Any, b: Any) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def resume_config(stored: dict[str, Any], overrides: list[str], requested: Any | None) -> Any:
+def resume_config(stored: dict[str, Any], overrides: list[str], requested: Any | None, values: dict[str, Any] | None = None) -> Any:
     """The config a resumed run continues with: its own (stored in last.pt) with `overrides`
     applied. `requested` (the preset and options given with --resume, when a preset or method
     was named) must describe the same run. Changing anything outside RESUME_MAY_CHANGE is refused:
@@ -400,6 +433,8 @@ def resume_config(stored: dict[str, Any], overrides: list[str], requested: Any |
     raw = copy.deepcopy(stored)
     for ov in overrides:
         apply_override(raw, ov)
+    for key, value in (values or {}).items():
+        set_value(raw, key, value)
     cfg = validate(raw, "the run's stored config with overrides")
     original = config_from_dict(stored)
     changed = set(config_differences(original, cfg))

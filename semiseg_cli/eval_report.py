@@ -47,6 +47,67 @@ def write_confusion_png(mat: torch.Tensor, path: Path) -> None:
         Image.fromarray(img, mode="L").save(tmp, format="PNG")
 
 
+# What `eval --set` may change in the checkpoint's config: how it is evaluated and where the
+# data is read from. Everything else (model, classes, training) is what the checkpoint is.
+EVAL_SET_KEYS = ("eval.*", "data.root", "data.workers", "data.resize")
+# The config key behind each of eval's typed options, for error messages.
+OPTION_NAMES = {
+    "data.root": "--root", "data.workers": "--workers", "eval.batch_size": "--batch-size", "eval.mode": "--mode",
+    "eval.scales": "--scales", "eval.flip": "--flip", "eval.crop_size": "--crop-size",
+}
+
+
+def _eval_key_allowed(key: str) -> bool:
+    parts = [p for p in key.strip().split(".") if p]
+    return (len(parts) == 2 and parts[0] == "eval") or ".".join(parts) in EVAL_SET_KEYS
+
+
+def eval_config(
+    stored: dict[str, Any], sets: list[str] | None = None, values: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> Any:
+    """The checkpoint's config with eval's `defaults`, then its `--set KEY=VALUE` (TOML text),
+    then its typed options (`values`, dotted key -> value) applied, validated by the config
+    models, so every field bound applies to eval's options too. Keys outside EVAL_SET_KEYS are
+    refused."""
+    import copy
+
+    from semiseg_cli.config import apply_override, set_value, validate
+
+    raw = copy.deepcopy(stored)
+    for key, value in (defaults or {}).items():
+        set_value(raw, key, value)
+    for assignment in sets or []:
+        key = assignment.split("=", 1)[0] if "=" in assignment else ""
+        if "=" in assignment and not _eval_key_allowed(key):
+            raise UserError(
+                f"--set {key.strip()}: eval accepts only {', '.join(EVAL_SET_KEYS)} "
+                "(the rest of the config is fixed by the checkpoint)"
+            )
+        apply_override(raw, assignment)  # also refuses a malformed assignment
+    cfg = validate(raw, "eval's --set options" if sets else "the checkpoint's config")
+    for key, value in (values or {}).items():  # one at a time, so an error names its option
+        set_value(raw, key, value)
+        cfg = validate(raw, OPTION_NAMES.get(key, key))
+    return cfg
+
+
+def weights_label(weights: str, has_teacher: bool) -> tuple[str, str]:
+    """(JSON value, title text) of the weights `load_for_inference(weights=...)` evaluates."""
+    if weights != "student" and has_teacher:
+        return "teacher", "EMA teacher weights" + (" (auto)" if weights == "auto" else "")
+    return "student", "student weights"
+
+
+def _check_outputs(json_out: Path | None, confusion_png: Path | None, overwrite: bool) -> None:
+    from semiseg_cli.io import check_output_file
+
+    if json_out is not None and confusion_png is not None and Path(json_out).resolve() == Path(confusion_png).resolve():
+        raise UserError(f"--json and --confusion-png are the same file {json_out}; give two different names")
+    check_output_file(json_out, overwrite, "--json report")
+    check_output_file(confusion_png, overwrite, "--confusion-png image")
+
+
 def run_eval(
     checkpoint: Path,
     split: str = "val",
@@ -59,24 +120,42 @@ def run_eval(
     device: str | None = None,
     json_out: Path | None = None,
     confusion_png: Path | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     overwrite: bool = False,
     console: Any = None,
+    batch_size: int | None = None,
+    sets: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Evaluate `checkpoint` on `split`. Every option is applied to the checkpoint's config and
+    validated (`eval_config`), the outputs and every image header are checked, all before the
+    model is loaded. `None` keeps the checkpoint's value, except `workers`: None is 2 unless
+    `--set data.workers` says otherwise. `flip=True` adds flips; False keeps the config's."""
     from semiseg_cli.data import build_dataset, get_layout
     from semiseg_cli.data.splits import read_split_file
-    from semiseg_cli.engine.checkpoint import load_for_inference
-    from semiseg_cli.engine.loaders import eval_loader
+    from semiseg_cli.engine.checkpoint import load_checkpoint, load_for_inference
+    from semiseg_cli.engine.loaders import dataset_sizes, eval_loader
     from semiseg_cli.engine.loop import resolve_device
     from semiseg_cli.inference import InferenceSettings, evaluate
 
-    for p in (json_out, confusion_png):
-        if p is not None and p.exists() and not overwrite:
-            raise UserError(f"{p} exists; pass --overwrite to replace it")
+    _check_outputs(json_out, confusion_png, overwrite)
+    if weights not in ("auto", "teacher", "student"):
+        raise UserError(f"--weights must be auto, teacher or student (got {weights!r})")
+    values: dict[str, Any] = {
+        "data.root": str(root) if root is not None else None,
+        "data.workers": workers,
+        "eval.batch_size": batch_size,
+        "eval.mode": mode,
+        "eval.scales": list(scales) if scales is not None else None,
+        "eval.flip": True if flip else None,
+        "eval.crop_size": list(crop_size) if crop_size is not None else None,
+    }
+    values = {k: v for k, v in values.items() if v is not None}
+    stored = load_checkpoint(checkpoint, mmap=True)["config"]  # the tensors stay on disk for now
+    defaults = {"data.workers": 2}  # eval's own default, below any --set (not the training machine's)
+    cfg = eval_config(stored, sets, values, defaults)
     dev = resolve_device(device or "auto")
-    model, cfg, ckpt = load_for_inference(checkpoint, dev, weights)
-    data_root = str(root) if root else cfg.data.root
-    layout = get_layout(cfg.data.dataset, data_root)
+
+    layout = get_layout(cfg.data.dataset, cfg.data.root)
     if split.endswith(".txt") or Path(split).is_file():
         pairs = read_split_file(split, layout.root)
     else:
@@ -84,31 +163,38 @@ def run_eval(
     pairs = [p for p in pairs if p[1] is not None]
     if not pairs:
         raise UserError(f"split {split!r} has no images with masks to evaluate against")
-    data_cfg = cfg.data.model_copy(update={"root": data_root, "workers": workers})
-    ds = build_dataset(data_cfg, pairs, train=False)
-    settings = InferenceSettings.from_config(cfg, mode=mode, scales=scales, crop_size=crop_size)
-    if flip:
-        settings.flip = True
+    ds = build_dataset(cfg.data, pairs, train=False)
+    sizes = dataset_sizes(ds)  # every header, before the model is loaded
+    settings = InferenceSettings.from_config(cfg)
+
+    model, _, ckpt = load_for_inference(checkpoint, dev, weights)
     num_classes = ckpt["num_classes"]
     class_names = ckpt["class_names"]
+    used, used_text = weights_label(weights, bool(ckpt.get("has_teacher")))
 
     from rich.progress import Progress
 
-    loader = eval_loader(ds, cfg.eval.batch_size, workers, dev.type == "cuda")
+    loader = eval_loader(ds, cfg.eval.batch_size, cfg.data.workers, dev.type == "cuda", sizes=sizes)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"eval {split}", total=len(ds))
-        metrics = evaluate(model, loader, num_classes, settings, dev, cfg.data.ignore_index, cfg.train.amp,
-                           progress=lambda: bar.advance(task, cfg.eval.batch_size))
+
+        def batches() -> Any:  # advance by the images of each batch: same-size batches vary in length
+            for batch in loader:
+                yield batch
+                bar.advance(task, len(batch["image"]))
+
+        metrics = evaluate(model, batches(), num_classes, settings, dev, cfg.data.ignore_index, cfg.train.amp)
     report = metrics.as_dict(class_names)
     report.update(
         checkpoint=str(checkpoint), step=ckpt.get("step"), method=cfg.method, split=split, images=len(ds),
         protocol={"mode": settings.mode, "scales": list(settings.scales), "flip": settings.flip,
                   "crop_size": list(settings.crop_size) if settings.mode == "slide" else None},
-        weights="teacher" if (weights != "student" and ckpt.get("has_teacher")) else "student",
+        weights=used,
     )
     if console is not None:
-        print_report(report, console, title=f"{cfg.method} @ step {ckpt.get('step')} on {split} ({len(ds)} images, {settings.mode}"
-                     f"{', flip' if settings.flip else ''}{', scales ' + ','.join(map(str, settings.scales)) if settings.scales != (1.0,) else ''})")
+        print_report(report, console, title=f"{cfg.method} @ step {ckpt.get('step')} on {split} ({len(ds)} images, {used_text}, "
+                     f"{settings.mode}{', flip' if settings.flip else ''}"
+                     f"{', scales ' + ','.join(map(str, settings.scales)) if settings.scales != (1.0,) else ''})")
     if json_out is not None:
         write_json(json_out, report)
     if confusion_png is not None:

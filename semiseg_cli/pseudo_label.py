@@ -423,38 +423,22 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def image_sizes(layout: Any, images: Sequence[str]) -> list[tuple[int, int]]:
-    """(width, height) of each image from its header, so batches can group equal sizes; a file
-    whose header cannot be read fails here, before anything is written."""
-    from PIL import Image
+# The size grouping lives in semiseg_cli.engine.loaders (shared with `eval` and validation);
+# imported when called, since that module imports torch and `semiseg --help` should not.
 
-    sizes = []
-    for rel in images:
-        path = layout.root / rel
-        if not path.is_file():
-            raise UserError(f"image {path} does not exist; check --root and the split file")
-        try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
-    return sizes
+
+def image_sizes(layout: Any, images: Sequence[str]) -> list[tuple[int, int]]:
+    """See `semiseg_cli.engine.loaders.image_sizes`: header sizes, a bad file fails before work."""
+    from semiseg_cli.engine.loaders import image_sizes as _image_sizes
+
+    return _image_sizes(layout, images)
 
 
 def size_batches(indices: Sequence[int], sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
-    """Batches of at most `batch_size` indices whose images share one size, in first-seen order.
+    """See `semiseg_cli.engine.loaders.size_batches`: same-size batches, first-seen order."""
+    from semiseg_cli.engine.loaders import size_batches as _size_batches
 
-    Padding mixed sizes would change every prediction (global pooling), and resizing would
-    change the labels, so sizes are never mixed; a dataset of all-different sizes runs at batch 1.
-    """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in indices:
-        groups.setdefault(tuple(sizes[i]), []).append(i)  # type: ignore[arg-type]
-    batches = []
-    for members in groups.values():
-        for k in range(0, len(members), batch_size):
-            batches.append(members[k : k + batch_size])
-    return batches
+    return _size_batches(indices, sizes, batch_size)
 
 
 # ----------------------------------------------------------------------------- writing

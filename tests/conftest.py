@@ -2,10 +2,16 @@
 
 The session-scoped trees are read-only by convention; a test that breaks files builds its own
 copy with the `make_*_tree` factories below (they take a folder and return the dataset root).
+
+Real data and weights (CamVid, COCO128-seg, MobileNetV2 features) live in the shared folder,
+`<repo root>/../shared` unless `SEMISEG_SHARED` names another. Tests that need them are marked
+`realdata` and get their paths from the `shared` fixture: `shared.require("data/camvid")`
+skips when the path is missing, or fails when `SEMISEG_REQUIRE_SHARED=1` (as in CI).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +22,39 @@ from PIL import Image
 from semiseg_cli.data.datasets import index_palette
 
 TreeFactory = Callable[[Path], Path]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SharedData:
+    """Where the shared folder is, and the one place that skips or fails when it is missing."""
+
+    env_var = "SEMISEG_SHARED"
+    require_var = "SEMISEG_REQUIRE_SHARED"
+
+    def root(self) -> Path:
+        """`$SEMISEG_SHARED` if set, else the `shared` folder beside this clone."""
+        env = os.environ.get(self.env_var)
+        return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
+
+    def require(self, relpath: str) -> Path:
+        """The path of `relpath` in the shared folder; skip if it is missing, or fail with
+        `SEMISEG_REQUIRE_SHARED=1` (there a skipped real-data test would hide a broken setup)."""
+        path = self.root() / relpath
+        if path.exists():
+            return path
+        if os.environ.get(self.require_var) == "1":
+            pytest.fail(
+                f"{self.require_var}=1 but shared data {path} is missing (set {self.env_var} to the shared folder)",
+                pytrace=False,
+            )
+        pytest.skip(f"shared data {path} not present (set {self.env_var} to the shared folder; default <repo>/../shared)")
+
+
+@pytest.fixture
+def shared() -> SharedData:
+    """The shared folder: `shared.require("data/camvid")` for tests marked `realdata`."""
+    return SharedData()
 
 
 def _rng_image(rng: np.random.Generator, h: int, w: int) -> Image.Image:

@@ -130,7 +130,7 @@ def test_eval_errors(tmp_path: Path) -> None:
 def test_error_messages_keep_square_brackets(tmp_path: Path) -> None:
     # A message such as "pip install 'semiseg[export]'" must not lose its brackets to markup.
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--set", "data.crop_size=[4, 4]"])
-    assert "[4, 4]" in _one_line_error(r)
+    assert "data.crop_size[0]" in _one_line_error(r)
 
 
 def test_resume_takes_the_runs_own_config_and_refuses_changes(demo_root: Path, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_bad_values_name_the_key(override: str, fragment: str) -> None:
 
 
 def test_method_section_is_chosen_by_the_method_field() -> None:
-    with pytest.raises(UserError, match="unknown key 'u2pl'"):
+    with pytest.raises(UserError, match="belongs to method u2pl, but this config's method is supervised; add --method u2pl"):
         build_config(None, ["u2pl.drop_percent=50"], "supervised")
     cfg = build_config(None, ["u2pl.drop_percent=50"], "u2pl")
     assert cfg.u2pl.drop_percent == 50

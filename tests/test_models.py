@@ -19,9 +19,7 @@ from semiseg_cli.models import DeepLabV2, DeepLabV3Plus, FCDiscriminator, SegMod
 from semiseg_cli.models.backbones import build_backbone
 
 NUM_CLASSES = 3
-SHARED_MOBILENET = Path("/work/shared/weights/mobilenet_v2_imagenet_features.pth")
-if not SHARED_MOBILENET.is_file():
-    SHARED_MOBILENET = Path(__file__).resolve().parents[1].parent / "shared/weights/mobilenet_v2_imagenet_features.pth"
+SHARED_MOBILENET = "weights/mobilenet_v2_imagenet_features.pth"  # in the shared folder (conftest `shared`)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -328,11 +326,12 @@ def test_unrelated_weights_are_refused(tmp_path: Path) -> None:
         build_backbone("resnet18", pretrained=str(path))
 
 
-@pytest.mark.skipif(not SHARED_MOBILENET.is_file(), reason="shared MobileNetV2 weights not present")
+@pytest.mark.realdata
 @pytest.mark.parametrize("os_", [8, 16])
-def test_shared_mobilenet_weights_load_fully(os_: int) -> None:
-    bb = build_backbone("mobilenet_v2", os_, pretrained=str(SHARED_MOBILENET))
-    sd = torch.load(SHARED_MOBILENET, map_location="cpu", weights_only=True)
+def test_shared_mobilenet_weights_load_fully(os_: int, shared: Any) -> None:
+    weights = shared.require(SHARED_MOBILENET)
+    bb = build_backbone("mobilenet_v2", os_, pretrained=str(weights))
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
     assert bb.pretrained_report == (len(sd), len(bb.state_dict()))
     assert all(torch.equal(v, sd[k]) for k, v in bb.state_dict().items())
 

@@ -91,7 +91,7 @@ def test_read_split_file(folder_root: Path, tmp_path: Path) -> None:
     bad.write_text("images/train/img0.png\nimages/train/nope.png masks/train/img0.png\n")
     with pytest.raises(UserError, match="bad.txt line 2: images/train/nope.png does not exist under"):
         read_split_file(bad, folder_root)
-    with pytest.raises(UserError, match="cannot read split file .*missing.txt"):
+    with pytest.raises(UserError, match="split file .*missing.txt does not exist"):
         read_split_file(tmp_path / "missing.txt", folder_root)
 
 

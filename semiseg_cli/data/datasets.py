@@ -16,14 +16,15 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, warn
+from semiseg_cli.io import read_text
 
 IGNORE = 255
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -72,18 +73,27 @@ def index_palette(n: int) -> list[tuple[int, int, int]]:
     return colours
 
 
+class Scan(NamedTuple):
+    problems: list[str]
+    present: dict[str, list[int]]  # class ids (no ignore) per image with a readable mask
+    with_ignore: set[str]  # images whose mask has ignored pixels
+
+
 class _Unreadable(Exception):
     """A file that is missing or cannot be decoded; the reason becomes part of a message."""
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header, plus PIL's cheap integrity check (PNG chunk CRCs)."""
+    """(width, height) of an image that decodes completely.
+
+    The whole file is decoded, not just the header: a truncated JPEG has a valid header and
+    fails only when its pixels are read, which would otherwise happen mid-training."""
     if not path.is_file():
-        raise _Unreadable("file does not exist")
+        raise _Unreadable("file does not exist" if not path.is_symlink() else "broken or looping symlink")
     try:
         with Image.open(path) as im:
             size = im.size
-            im.verify()
+            im.load()
         return size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _Unreadable(str(e) or type(e).__name__) from None
@@ -215,8 +225,9 @@ class Layout:
 
     # ----------------------------------------------------------------------------- checking
 
-    def scan(self, pairs: Sequence[Pair], require_masks: bool = True) -> tuple[list[str], dict[str, list[int]]]:
-        """(problems, class ids present per image) in one pass over the files.
+    def scan(self, pairs: Sequence[Pair], require_masks: bool = True) -> "Scan":
+        """(problems, class ids present per image, images whose mask has ignored pixels) in one
+        pass over the files; every image is decoded completely.
 
         Problem lines start with the root-relative file name; images whose mask has a problem
         get no entry in the class-id dict.
@@ -224,11 +235,14 @@ class Layout:
         results = _thread_map(lambda p: self._check_pair(p, require_masks), list(pairs))
         problems: list[str] = []
         present: dict[str, list[int]] = {}
+        with_ignore: set[str] = set()
         for (img, _), (probs, ids) in zip(pairs, results):
             problems.extend(probs)
             if ids is not None:
-                present[img] = ids
-        return problems, present
+                if IGNORE in ids:
+                    with_ignore.add(img)
+                present[img] = [c for c in ids if c != IGNORE]
+        return Scan(problems, present, with_ignore)
 
     def validate(self, pairs: Sequence[Pair], require_masks: bool = True) -> list[str]:
         """Every problem in `pairs`, one line each naming the file; empty when all is well."""
@@ -263,7 +277,7 @@ class Layout:
         if bad:
             problems.append(f"{mask}: label values {bad} outside {self.allowed_text}")
             return problems, None
-        ids = sorted({int(c) for c in self._lut[values]} - {IGNORE})
+        ids = sorted({int(c) for c in self._lut[values]})  # IGNORE included when present
         return problems, ids
 
 
@@ -274,7 +288,7 @@ def _read_stem_list(path: Path, layout: Layout) -> list[str]:
     """Stems from a list file: bare stems, or DeepLab-style `/JPEGImages/x.jpg /Seg.../x.png`."""
     if not path.is_file():
         raise layout._fail(f"split list {path} does not exist")
-    stems = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    stems = [Path(line.split()[0]).stem for line in read_text(path, "split list").splitlines() if line.strip()]
     if not stems:
         raise layout._fail(f"split list {path} is empty")
     return stems
@@ -420,7 +434,7 @@ class FolderLayout(Layout):
         classes_file = self.root / "classes.txt"
         if not classes_file.is_file():
             raise self._fail(f"{classes_file} does not exist (one class name per line)")
-        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(classes_file, "class list").splitlines() if line.strip()]
         if not 1 <= len(names) <= 255:
             raise UserError(f"{classes_file} lists {len(names)} classes; give between 1 and 255 names, one per line")
         super().__init__(root, names, index_palette(len(names)))
@@ -430,11 +444,23 @@ class FolderLayout(Layout):
         folder = self.root / "images" / split
         if not folder.is_dir():
             raise self._fail(f"split folder {folder} does not exist")
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        listed = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        images = [p for p in listed if p.is_file()]
+        broken = [p for p in listed if not p.is_file() and p.is_symlink()]
+        if broken:
+            warn(f"{len(broken)} image link(s) in {folder} lead nowhere (broken or looping symlinks, e.g. {broken[0].name}); "
+                 "they are skipped: fix or remove them")
         if not images:
             raise self._fail(f"no .png/.jpg/.jpeg images in {folder}")
         _refuse_shared_stems(images)
-        has_masks = (self.root / "masks" / split).is_dir()
+        mask_dir = self.root / "masks" / split
+        has_masks = mask_dir.is_dir()
+        if has_masks:
+            stems = {p.stem for p in images}
+            orphans = sorted(m.name for m in mask_dir.iterdir() if m.suffix.lower() == ".png" and m.stem not in stems)
+            if orphans:
+                warn(f"{len(orphans)} mask(s) in {mask_dir} have no image in {folder} (e.g. {orphans[0]}); "
+                     "they are not used: add their images or remove them")
         return [(self._rel(p), f"masks/{split}/{p.stem}.png" if has_masks else None) for p in images]
 
 

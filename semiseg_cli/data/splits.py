@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from semiseg_cli.data.datasets import Layout, get_layout
-from semiseg_cli.errors import UserError
-from semiseg_cli.io import write_text
+from semiseg_cli.errors import UserError, flush_warnings, warn
+from semiseg_cli.io import check_output_dir, read_text, write_text
 
 Pair = tuple[str, "str | None"]
 SHOWN_PROBLEMS = 3
@@ -132,7 +132,7 @@ def _refuse_changes(files: dict[Path, str], overwrite: bool) -> None:
     if overwrite:
         return
     for path, text in files.items():
-        if path.is_file() and path.read_text() != text:
+        if path.is_file() and path.read_bytes() != text.encode("utf-8"):
             raise UserError(f"{path} already exists with a different content; pass --overwrite to replace it")
         if path.exists() and not path.is_file():
             raise UserError(f"{path} exists and is not a file; remove it or choose another output folder")
@@ -159,11 +159,10 @@ def read_split_file(path: str | Path, root: str | Path) -> list[tuple[str, str |
     Blank lines and lines starting with # are skipped.
     """
     path, root = Path(path), Path(root)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"cannot read split file {path}: {e.strerror}") from None
+    text = read_text(path, "split file", "write it with `semiseg prepare-splits` or save it as UTF-8")
     pairs: list[tuple[str, str | None]] = []
+    first_line: dict[str, int] = {}
+    repeats: list[tuple[int, int]] = []
     for n, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
@@ -174,9 +173,17 @@ def read_split_file(path: str | Path, root: str | Path) -> list[tuple[str, str |
         for rel in rels:
             if not (root / rel).is_file():
                 raise UserError(f"{path} line {n}: {rel} does not exist under {root}; is data.root right?")
+        if rels[0] in first_line:  # a repeat would be drawn twice as often: use each image once
+            repeats.append((n, first_line[rels[0]]))
+            continue
+        first_line[rels[0]] = n
         pairs.append((rels[0], rels[1] if len(rels) == 2 else None))
     if not pairs:
         raise UserError(f"split file {path} lists no images")
+    if repeats:
+        n, first = repeats[0]
+        warn(f"{path}: {len(repeats)} line(s) repeat an earlier image (line {n} repeats line {first}); "
+             "each image is used once: remove the repeated lines")
     return pairs
 
 
@@ -193,8 +200,10 @@ def prepare_splits(
     overwrite: bool = False,
     tags: bool = False,
     unlabeled_split: str | None = None,
+    val_split: str | None = "val",
 ) -> list[Path]:
-    """Validate the pool, draw one split per amount and write them; returns every file written.
+    """Validate the pool (and the `val_split` that training will validate on, when the dataset
+    has it), draw one split per amount and write them; returns every file written.
 
     `unlabeled_split` adds the images of another pool (not drawn as labeled) to every
     unlabeled.txt: `--split train --unlabeled-split train_aug` is U2PL's VOC classic setting.
@@ -203,19 +212,33 @@ def prepare_splits(
     change (without `overwrite`). One amount writes into `out_dir`; several into
     `out_dir/<amount_dirname>/`.
     """
+    from semiseg_cli.data.checks import check_mask_content
+
+    amounts = parse_amounts(",".join(amounts))
+    check_output_dir(out_dir, "--out")
     layout = get_layout(dataset, root)
     pool = layout.list_pairs(split)
-    problems, present = layout.scan(pool)
+    problems, present, with_ignore = layout.scan(pool)
     if problems:
         raise DatasetProblems(problems, f"the {split} split of {layout.root}")
+    if val_split is not None and val_split != split:
+        try:
+            val_pairs = layout.list_pairs(val_split)
+        except UserError:
+            warn(f"{layout.root} has no {val_split!r} split, so it was not checked; `semiseg train` validates on "
+                 "data.val_split: set it to a split this dataset has")
+        else:
+            problems = layout.scan(val_pairs).problems
+            if problems:
+                raise DatasetProblems(problems, f"the {val_split} split of {layout.root} (validation)")
+    check_mask_content(layout, present, with_ignore, f"the {split} split of {layout.root}")
     extra: list[Pair] = []
     if unlabeled_split is not None and unlabeled_split != split:
         in_pool = {img for img, _ in pool}
         extra = [p for p in layout.list_pairs(unlabeled_split) if p[0] not in in_pool]  # only images the pool lacks
-        problems, _ = layout.scan(extra)
+        problems = layout.scan(extra).problems
         if problems:
             raise DatasetProblems(problems, f"the {unlabeled_split} split of {layout.root}")
-    amounts = parse_amounts(",".join(amounts))
     out = Path(out_dir)
     files: dict[Path, str] = {}
     tags_text = _tags_json(layout, present) if tags else None
@@ -229,6 +252,7 @@ def prepare_splits(
         if tags_text is not None:
             files[folder / "tags.json"] = tags_text
     _refuse_changes(files, overwrite)
+    flush_warnings()
     return _write_all(files)
 
 

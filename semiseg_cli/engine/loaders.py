@@ -10,13 +10,14 @@ image in the same step.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from semiseg_cli.engine import distributed
+from semiseg_cli.errors import UserError
 
 
 class SeededDataset(Dataset):
@@ -101,8 +102,10 @@ class ShardedEval(Sampler[int]):
     """Each rank evaluates a disjoint shard, without DistributedSampler's duplicate padding, so
     the reduced confusion matrix counts every image exactly once."""
 
-    def __init__(self, size: int) -> None:
-        self.indices = list(range(size))[distributed.rank() :: distributed.world_size()]
+    def __init__(self, size: int, rank: int | None = None, world: int | None = None) -> None:
+        rank = distributed.rank() if rank is None else rank
+        world = distributed.world_size() if world is None else world
+        self.indices = list(range(size))[rank::world]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -111,8 +114,80 @@ class ShardedEval(Sampler[int]):
         return len(self.indices)
 
 
-def eval_loader(dataset: Dataset, batch: int, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch, sampler=ShardedEval(len(dataset)), num_workers=workers, pin_memory=pin)  # type: ignore[arg-type]
+# ----------------------------------------------------------------------------- same-size batches
+# Evaluation (and pseudo-labelling) batches hold images of one size only: torch cannot stack
+# different sizes, padding would change every prediction (ASPP's global pooling sees the
+# padding) and resizing would change the labels. A dataset of all-different sizes runs at batch 1.
+
+
+def image_sizes(layout: Any, images: Sequence[str]) -> list[tuple[int, int]]:
+    """(width, height) of each root-relative image from its header (cheap: no decoding), so
+    batches can group equal sizes; a missing file or unreadable header is a one-line UserError
+    naming the file, before any work starts."""
+    from PIL import Image
+
+    sizes = []
+    for rel in images:
+        path = layout.root / rel
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist; check --root and the split file")
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {path}: {str(e) or type(e).__name__}") from None
+        sizes.append((int(w), int(h)))
+    return sizes
+
+
+def size_batches(indices: Iterable[int], sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of at most `batch_size` indices whose images share one size, in first-seen order
+    (deterministic: the same indices and sizes give the same batches)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(sizes[i]), []).append(int(i))  # type: ignore[arg-type]
+    batches = []
+    for members in groups.values():
+        for k in range(0, len(members), batch_size):
+            batches.append(members[k : k + batch_size])
+    return batches
+
+
+def dataset_sizes(dataset: Any) -> list[tuple[int, int]]:
+    """Stored image sizes of a `SegDataset` (its `.layout` and `.pairs`). `data.resize` scales
+    every image by the same factor, so equal stored sizes stay equal after it."""
+    return image_sizes(dataset.layout, [p[0] for p in dataset.pairs])
+
+
+class SizeBatchedEval(Sampler[list[int]]):
+    """Batches for evaluation: this rank's shard (`ShardedEval`'s disjoint `rank::world` slice,
+    so every image is counted exactly once across ranks), grouped into same-size batches of at
+    most `batch` images, in a fixed order."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch: int, rank: int | None = None, world: int | None = None) -> None:
+        shard = ShardedEval(len(sizes), rank, world).indices
+        self.batches = size_batches(shard, sizes, batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def eval_loader(
+    dataset: Dataset, batch: int, workers: int, pin: bool, sizes: Sequence[tuple[int, int]] | None = None
+) -> DataLoader:
+    """Evaluation batches of same-size images, sharded across ranks. `sizes` (width, height per
+    index) defaults to the headers of the dataset's images (read now: a bad file fails here)."""
+    if sizes is None:
+        sizes = dataset_sizes(dataset)
+    if len(sizes) != len(dataset):  # type: ignore[arg-type]
+        raise ValueError(f"{len(sizes)} sizes for {len(dataset)} images")  # type: ignore[arg-type]
+    sampler = SizeBatchedEval(sizes, batch)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

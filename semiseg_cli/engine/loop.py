@@ -24,11 +24,11 @@ from torch import nn
 
 from semiseg_cli.config import config_to_toml
 from semiseg_cli.engine import distributed
-from semiseg_cli.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from semiseg_cli.engine.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from semiseg_cli.engine.loaders import eval_loader, infinite_loader, to_device
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, flush_warnings
 from semiseg_cli.inference import InferenceSettings, evaluate
-from semiseg_cli.io import write_text
+from semiseg_cli.io import check_output_dir, clean_stale_temps, write_text
 from semiseg_cli.methods import Method, get_method
 from semiseg_cli.methods.base import TrainContext
 
@@ -109,6 +109,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a run-folder request that cannot go ahead; touches nothing."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    check_output_dir(run_dir, "run folder")
     last = run_dir / "last.pt"
     if resume:
         if not last.is_file():
@@ -118,16 +119,45 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"run folder {run_dir} is not empty; pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.toml")
+
+
+class RunFolder:
+    """The run folder's life: created (or cleared with --overwrite) only after every check has
+    passed, and emptied again if the run fails before its first checkpoint, so a failed start
+    leaves nothing behind and the same command can simply be rerun. From the first checkpoint on,
+    a failed run keeps its folder: `--resume` continues from `last.pt`."""
+
+    def __init__(self, path: Path, resume: bool, overwrite: bool, main: bool) -> None:
+        self.path, self.resume, self.main = path, resume, main
+        self.created = False
+        self.checkpointed = False
+        if not main:
+            return
+        check_run_dir(path, resume, overwrite)
+        self.created = not path.exists()
+        if not resume and path.exists():
+            for name in RUN_FILES:
+                (path / name).unlink(missing_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path)  # left by a run killed mid-write
+
+    def discard_failed_start(self) -> None:
+        if not self.main or self.resume or self.checkpointed:
+            return
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        clean_stale_temps(self.path)
+        if self.created:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check, then (with --overwrite) clear the previous run's files and create the folder. Called
-    only once the config, data and model have been built, so bad input never costs an old run."""
-    check_run_dir(run_dir, resume, overwrite)
-    if resume:
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "config.toml"):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Check, then (with --overwrite) clear the previous run's files and create the folder."""
+    RunFolder(run_dir, resume, overwrite, True)
 
 
 class MetricLog:
@@ -161,92 +191,168 @@ def unwrapped(method: Method) -> Iterator[None]:
         method.model = wrapped
 
 
-def checkpoint_payload(method: Method, specs: list, step: int, best: float, cfg: Any) -> dict[str, Any]:
+def checkpoint_payload(method: Method, specs: list, step: int, best: float, cfg: Any, full: bool = True) -> dict[str, Any]:
+    """What a checkpoint holds. `full=False` (best.pt) keeps what `eval`, `pseudo-label` and
+    `export` read (config, inference and student weights) and leaves out the training state
+    (optimizer moments, method state, RNG) that only `--resume` needs from last.pt."""
     with unwrapped(method):
         inf = method.inference_model()
         has_teacher = inf is not method.model
-        return {
+        payload = {
             "config": cfg.model_dump(mode="json"),
             "method": cfg.method,
             "class_names": method.class_names,
             "num_classes": method.num_classes,
             "step": step,
             "best_miou": best,
-            "method_state": method.state_dict(),
             "inference_state": inf.state_dict(),
             "student_state": method.model.state_dict() if has_teacher else None,
             "has_teacher": has_teacher,
-            "optimizers": [s.optimizer.state_dict() for s in specs],
-            "rng": rng_state(),
+            "resumable": full,
         }
+        if full:
+            payload.update(
+                method_state=method.state_dict(),
+                optimizers=[s.optimizer.state_dict() for s in specs],
+                rng=rng_state(),
+            )
+        return payload
+
+
+def _check_finite(method: Method, run_dir: Path, step: int, lr: float) -> None:
+    """Refuse to go on (or save) once any parameter or buffer holds inf/NaN: a finite loss can
+    hide it (BatchNorm running statistics overflow first), and such a checkpoint scores ~0."""
+    with unwrapped(method):
+        bad = non_finite_tensors(method.state_dict())
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged by step {step}: {len(bad)} weight tensor(s) hold inf/NaN (e.g. {bad[0]}); "
+            f"{_kept(run_dir)}; {_advice(lr)}"
+        )
+
+
+def _kept(run_dir: Path) -> str:
+    last = run_dir / "last.pt"
+    return f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was saved"
+
+
+def _advice(lr: float) -> str:
+    # --resume keeps the run's learning rate (RESUME_MAY_CHANGE), so the advice is a new run.
+    return f"start again with a lower learning rate, e.g. --lr {lr / 10:g} --overwrite (a resumed run keeps its learning rate), or check the data"
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any = None, progress: bool = True) -> TrainResult:
-    """Train `cfg` into `cfg.out`; returns the final step and best validation mIoU."""
-    from rich.console import Console
+@dataclass
+class RunData:
+    layout: Any
+    ds_l: Any
+    ds_u: Any
+    ds_val: Any
 
+
+def build_data(cfg: Any, method_cls: type[Method]) -> RunData:
+    """The run's datasets, after every file they use has been read once and found sound."""
     from semiseg_cli.data import build_dataset, get_layout, load_tags
+    from semiseg_cli.data.checks import check_tags, check_training_data
 
-    console = console or Console(stderr=True)
-    device = resolve_device(cfg.train.device)
-    distributed.init(device.type)
-    main = distributed.is_main()
-    run_dir = Path(cfg.out)
-
-    # Config, data and model problems are refused before the run folder is touched.
-    check_run_dir(run_dir, resume, overwrite)
-    method_cls = get_method(cfg.method)
     layout = get_layout(cfg.data.dataset, cfg.data.root)
-    num_classes = layout.num_classes
-    method_cls.check_config(cfg, num_classes)
     labeled, unlabeled = resolve_pools(cfg, layout, method_cls.uses_tags)
     if method_cls.uses_unlabeled and not unlabeled:
         raise UserError(
             f"method {cfg.method} needs unlabeled images but the split leaves none; pass --labeled 1/8 "
             "(or data.unlabeled_list) so part of the training pool is unlabeled"
         )
+    val_pairs = layout.list_pairs(cfg.data.val_split)
     tags = None
     if method_cls.uses_tags and cfg.data.tags_file:  # the user's tags must cover every training image
-        tags = load_tags(cfg.data.tags_file, num_classes, [img for img, _ in labeled])
-
-    seed_everything(cfg.train.seed + distributed.rank())
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
+        tags = load_tags(cfg.data.tags_file, layout.num_classes, [img for img, _ in labeled])
+    report = check_training_data(
+        layout, labeled, unlabeled if method_cls.uses_unlabeled else [], val_pairs,
+        labeled_needs_masks=tags is None, val_split=cfg.data.val_split,
+        labeled_batch=cfg.data.batch_size,
+        unlabeled_batch=(cfg.data.unlabeled_batch_size or cfg.data.batch_size) if method_cls.uses_unlabeled else None,
+    )
+    if method_cls.uses_tags:
+        if tags is None:
+            tags_now = {img: [c for c in ids if c not in layout.tag_exclude] for img, ids in report.labeled_present.items()}
+        else:
+            tags_now = tags
+        check_tags(tags_now, [img for img, _ in labeled], layout.class_names)
     ds_l = build_dataset(cfg.data, labeled, train=True)
     if tags is not None:
         ds_l.tags = tags
     ds_u = build_dataset(cfg.data, unlabeled, train=True) if method_cls.uses_unlabeled else None
-    ds_val = build_dataset(cfg.data, layout.list_pairs(cfg.data.val_split), train=False)
+    ds_val = build_dataset(cfg.data, val_pairs, train=False)
+    return RunData(layout, ds_l, ds_u, ds_val)
 
-    method = method_cls(cfg, num_classes, list(layout.class_names)).to(device)  # loads pretrained weights
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
-    distributed.barrier()
+
+def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any = None, progress: bool = True) -> TrainResult:
+    """Train `cfg` into `cfg.out`; returns the final step and best validation mIoU.
+
+    Order: every check that needs no data (config rules, the run folder), then every data file,
+    then the method (its schedule checks), and only then the run folder is written."""
+    from rich.console import Console
+
+    from semiseg_cli.engine.setup import check_run_config
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    device = resolve_device(cfg.train.device)
+    distributed.init(device.type)
+    main = distributed.is_main()
+    run_dir = Path(cfg.out)
+
+    from semiseg_cli.data import get_layout
+
+    method_cls = get_method(cfg.method)
+    num_classes = get_layout(cfg.data.dataset, cfg.data.root).num_classes
+    check_run_config(cfg, resume=resume, overwrite=overwrite, num_classes=num_classes)
+    data = build_data(cfg, method_cls)
+    seed_everything(cfg.train.seed + distributed.rank())
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     bl = cfg.data.batch_size
     bu = cfg.data.unlabeled_batch_size or bl
-    total = cfg.train.iters
     ctx = TrainContext(
-        total_iters=total, labeled_size=len(ds_l), unlabeled_size=len(ds_u) if ds_u else 0,
+        total_iters=cfg.train.iters, labeled_size=len(data.ds_l), unlabeled_size=len(data.ds_u) if data.ds_u else 0,
         labeled_batch=bl, unlabeled_batch=bu, device=device,
         world_size=distributed.world_size(), rank=distributed.rank(),
     )
+    method_cls.check_schedule(cfg, ctx)  # e.g. a warm-up as long as the run
+    method = method_cls(cfg, num_classes, list(data.layout.class_names)).to(device)  # loads pretrained weights
     method.setup(ctx)
-    specs = method.configure_optimizers(total)
+    specs = method.configure_optimizers(cfg.train.iters)
 
+    folder = RunFolder(run_dir, resume, overwrite, main)
+    flush_warnings()  # every check passed: the questionable inputs are worth reading now
+    distributed.barrier()
+    try:
+        return _run(cfg, method, specs, data, device, folder, console, progress and main)
+    except BaseException:
+        folder.discard_failed_start()
+        raise
+
+
+def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.device, folder: RunFolder,
+         console: Any, show: bool) -> TrainResult:
+    run_dir = folder.path
+    main = distributed.is_main()
+    method_cls = type(method)
+    num_classes = method.num_classes
+    total = cfg.train.iters
     start, best, resume_rng = 0, -1.0, None
-    if resume:
+    if folder.resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
+        if not ckpt.get("resumable", True):
+            raise UserError(f"{run_dir / 'last.pt'} holds no training state; it cannot be resumed")
         method.load_state_dict(ckpt["method_state"])
         for spec, st in zip(specs, ckpt["optimizers"]):
             spec.optimizer.load_state_dict(st)
         start, best = int(ckpt["step"]), float(ckpt["best_miou"])
+        if (run_dir / "best.pt").is_file():  # written after last.pt at the final validation
+            best = max(best, float(load_checkpoint(run_dir / "best.pt", mmap=True, verify=False).get("best_miou", -1.0)))
         resume_rng = ckpt["rng"]
-        if start >= total:
-            console.print(f"[yellow]{run_dir} already finished {start} of {total} iterations; nothing to do")
     distributed.broadcast_state(method)  # parts outside DDP (teacher, discriminator) start as rank 0's
     if distributed.is_dist():
         if cfg.model.sync_bn and device.type == "cuda":  # SyncBN needs CUDA; CPU ranks share rank 0's stats
@@ -258,61 +364,62 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
 
     if main:
         write_text(run_dir / "config.toml", config_to_toml(cfg))
-    log = MetricLog(run_dir / "metrics.jsonl", start if resume else None, main)
+    log = MetricLog(run_dir / "metrics.jsonl", start if folder.resume else None, main)
     accum = cfg.train.grad_accum
     pin = device.type == "cuda"
-    it_l = infinite_loader(ds_l, bl, cfg.data.workers, cfg.train.seed, 0, start * accum, pin)
-    it_u = infinite_loader(ds_u, bu, cfg.data.workers, cfg.train.seed, 1, start * accum, pin) if ds_u else None
-    val_batches = eval_loader(ds_val, cfg.eval.batch_size, cfg.data.workers, pin)
+    bl = cfg.data.batch_size
+    bu = cfg.data.unlabeled_batch_size or bl
+    it_l = infinite_loader(data.ds_l, bl, cfg.data.workers, cfg.train.seed, 0, start * accum, pin)
+    it_u = infinite_loader(data.ds_u, bu, cfg.data.workers, cfg.train.seed, 1, start * accum, pin) if data.ds_u else None
+    val_batches = eval_loader(data.ds_val, cfg.eval.batch_size, cfg.data.workers, pin)
     settings = InferenceSettings.from_config(cfg)
     amp = cfg.train.amp and device.type == "cuda"
+    lr = cfg.optim.lr
+
+    def save(name: str, step: int, full: bool) -> None:
+        if main:
+            save_checkpoint(run_dir / name, checkpoint_payload(method, specs, step, best, cfg, full=full))
+            folder.checkpointed = True
 
     def validate(step: int) -> dict[str, Any]:
         nonlocal best
         distributed.broadcast_buffers(method)
+        _check_finite(method, run_dir, step, lr)
         with unwrapped(method):
             m = evaluate(method.inference_model(), val_batches, num_classes, settings, device, cfg.data.ignore_index, amp)
         rec = {"step": step, "val_mIoU": m.miou, "val_aAcc": m.aacc, "val_mAcc": m.macc}
         log.write(rec)
         if main:
-            console.print(f"step {step}: val mIoU {100 * m.miou:.2f}  aAcc {100 * m.aacc:.2f}")
-        improved = m.miou > best
-        best = max(best, m.miou)
-        if improved and main:
-            save_checkpoint(run_dir / "best.pt", checkpoint_payload(method, specs, step, best, cfg))
+            console.print(f"step {step}: val mIoU {100 * m.miou:.2f}  aAcc {100 * m.aacc:.2f}", highlight=False)
+        if m.miou > best:
+            best = m.miou
+            save("best.pt", step, full=False)
         return m.as_dict(method.class_names)
 
     last_metrics: dict[str, Any] | None = None
+    if start >= total:
+        if main:
+            console.print(f"[yellow]{run_dir} already finished {start} of {total} iterations; nothing to train")
+        if not _validated_at(log.path, start):  # e.g. the final validation failed after last.pt was written
+            last_metrics = validate(start)
+        return TrainResult(run_dir, start, best, last_metrics, method)
+
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     n_logged = 0
     t0 = time.perf_counter()
-    bar = _progress(console, enabled=progress and main)
+    plain = show and not getattr(console, "is_terminal", False)  # no live bar off a terminal: lines instead
+    bar = _progress(console, enabled=show and not plain)
     task = bar.add_task("train", total=total, completed=start, info="")
     method.train()
     if resume_rng is not None:  # last, so that building loaders above draws nothing from it
         set_rng_state(resume_rng)
     with bar:
         for step in range(start, total):
-            for spec in specs:
-                spec.optimizer.zero_grad(set_to_none=True)
-            for micro in range(accum):
-                batch_l = to_device(next(it_l), device)
-                if method_cls.uses_tags:
-                    batch_l = _hide_masks(batch_l)
-                batch_u = to_device(next(it_u), device) if it_u is not None else None
-                sync = micro == accum - 1 or not isinstance(method.model, nn.parallel.DistributedDataParallel)
-                with (nullcontext() if sync else method.model.no_sync()):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        losses = method.training_step(batch_l, batch_u, step)
-                    loss = losses["loss"]
-                    if not torch.isfinite(loss.detach()):
-                        _diverged(run_dir, step, losses)
-                    (loss / accum).backward()
-                for k, v in losses.items():
-                    v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                    sums[k] = sums.get(k, 0.0) + v  # type: ignore[operator]
-                    counts[k] = counts.get(k, 0) + 1
+            losses_sum = _train_step(method, specs, it_l, it_u, device, accum, amp, step, run_dir, lr)
+            for k, (v, c) in losses_sum.items():
+                sums[k] = sums.get(k, 0.0) + v  # type: ignore[operator]
+                counts[k] = counts.get(k, 0) + c
             distributed.average_gradients(other_params)
             for spec in specs:
                 if step % spec.every == 0:
@@ -329,30 +436,79 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
                 rec["it_per_s"] = round(n_logged / max(time.perf_counter() - t0, 1e-9), 4)
                 rec.update(method.extra_log())
                 log.write(rec)
-                bar.update(task, info=f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['it_per_s']:.2f} it/s")
+                info = f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['it_per_s']:.2f} it/s"
+                bar.update(task, info=info)
+                if plain:
+                    console.print(f"step {done}/{total}  {info}", highlight=False)
                 sums, counts, n_logged, t0 = {}, {}, 0, time.perf_counter()
             bar.update(task, completed=done)
-            val_due = cfg.train.val_interval and done % cfg.train.val_interval == 0
-            if val_due or done == total:
-                last_metrics = validate(done)
-            if done % cfg.train.ckpt_interval == 0 or done == total:
+            ckpt_due = done % cfg.train.ckpt_interval == 0 or done == total
+            if done == total:
+                # The final checkpoint comes before the final validation: a validation that fails
+                # then costs nothing but a rerun with --resume, which validates again.
                 distributed.broadcast_buffers(method)
-            if main and (done % cfg.train.ckpt_interval == 0 or done == total):
-                save_checkpoint(run_dir / "last.pt", checkpoint_payload(method, specs, done, best, cfg))
-            if done % cfg.train.ckpt_interval == 0:
+                _check_finite(method, run_dir, done, lr)
+                save("last.pt", done, full=True)
+                last_metrics = validate(done)
+                break
+            # Mid-run, validation first: its loader draws from the RNG that last.pt stores, so
+            # this order is what makes a resumed run bit-identical to an uninterrupted one.
+            if cfg.train.val_interval and done % cfg.train.val_interval == 0:
+                last_metrics = validate(done)
+            if ckpt_due:
+                distributed.broadcast_buffers(method)
+                _check_finite(method, run_dir, done, lr)
+                save("last.pt", done, full=True)
                 distributed.barrier()
     distributed.barrier()
     method.model = distributed.unwrap(method.model)
     return TrainResult(run_dir, max(start, total), best, last_metrics, method)
 
 
-def _diverged(run_dir: Path, step: int, losses: dict[str, torch.Tensor]) -> None:
+def _train_step(method: Method, specs: list, it_l: Any, it_u: Any, device: torch.device, accum: int, amp: bool,
+                step: int, run_dir: Path, lr: float) -> dict[str, tuple[torch.Tensor, int]]:
+    """One iteration's forward/backward passes: `accum` micro-batches, gradients summed.
+    Returns each logged value summed over the micro-batches, with its count."""
+    for spec in specs:
+        spec.optimizer.zero_grad(set_to_none=True)
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for micro in range(accum):
+        batch_l = to_device(next(it_l), device)
+        if method.uses_tags:
+            batch_l = _hide_masks(batch_l)
+        batch_u = to_device(next(it_u), device) if it_u is not None else None
+        sync = micro == accum - 1 or not isinstance(method.model, nn.parallel.DistributedDataParallel)
+        with (nullcontext() if sync else method.model.no_sync()):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                losses = method.training_step(batch_l, batch_u, step)
+            loss = losses["loss"]
+            if not torch.isfinite(loss.detach()):
+                _diverged(run_dir, step, losses, lr)
+            (loss / accum).backward()
+        for k, v in losses.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            s, c = out.get(k, (0.0, 0))
+            out[k] = (s + v, c + 1)  # type: ignore[assignment]
+    return out
+
+
+def _validated_at(log_path: Path, step: int) -> bool:
+    if not log_path.is_file():
+        return False
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step") == step and "val_mIoU" in rec:
+            return True
+    return False
+
+
+def _diverged(run_dir: Path, step: int, losses: dict[str, torch.Tensor], lr: float) -> None:
     bad = [k for k, v in losses.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v.detach()).all()]
-    last = run_dir / "last.pt"
-    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was saved yet"
     raise TrainingDiverged(
-        f"loss became non-finite at step {step} ({', '.join(bad) or 'loss'}); {kept}; "
-        "lower the learning rate (--lr) or check the data, then --resume"
+        f"loss became non-finite at step {step} ({', '.join(bad) or 'loss'}); {_kept(run_dir)}; {_advice(lr)}"
     )
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg_cli.engine import distributed
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, warn
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer, poly_lambda, supervised_loss
 
 # The discriminator has five 4x4 stride-2 convs: each side shrinks by 32; smaller inputs give an
@@ -223,15 +223,21 @@ class AdvSemiSeg(Method):
         self.monitor = DAccuracyMonitor(p.warn_window)
 
     @classmethod
-    def check_config(cls, cfg: Any, num_classes: int) -> None:
+    def check_config(cls, cfg: Any, num_classes: int | None) -> None:
         h, w = cfg.data.crop_size
         if min(h, w) < _D_MIN_SIDE:
             raise UserError(
                 f"data.crop_size {h}x{w} is too small for the AdvSemiSeg discriminator (five stride-2 convs); "
                 f"use crops of at least {_D_MIN_SIDE}x{_D_MIN_SIDE}"
             )
-        if num_classes < 2:
+        if num_classes is not None and num_classes < 2:
             raise UserError(f"AdvSemiSeg needs at least 2 classes, the dataset has {num_classes}")
+        p = cfg.advsemiseg
+        if p.semi_start >= cfg.train.iters and p.lambda_semi > 0:
+            warn(
+                f"advsemiseg.semi_start ({p.semi_start}) is not below train.iters ({cfg.train.iters}): the "
+                "confidence-masked self-training never starts; lower advsemiseg.semi_start to use it"
+            )
 
     def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
         p = self.cfg.advsemiseg

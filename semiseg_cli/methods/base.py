@@ -125,8 +125,16 @@ class Method(nn.Module):
         return build_model(cfg.model, num_classes)
 
     @classmethod
-    def check_config(cls, cfg: Any, num_classes: int) -> None:
-        """Raise `UserError` for settings that cannot work with this data (e.g. rank windows)."""
+    def check_config(cls, cfg: Any, num_classes: int | None) -> None:
+        """Raise `UserError` for settings this method cannot run as itself (cross-field rules:
+        e.g. a warm-up as long as the run, rank windows wider than the classes). Called by
+        `train` and `--dry-run` before anything is written; `num_classes` is None when the data
+        is not at hand, and rules that need it are then left to `train`."""
+
+    @classmethod
+    def check_schedule(cls, cfg: Any, ctx: TrainContext) -> None:
+        """Raise `UserError` for a schedule that cannot work with these pool sizes (e.g. a warm-up
+        of one epoch that is as long as the run). Called by `train` before the method is built."""
 
     def inference_model(self) -> nn.Module:
         """The network to evaluate and ship: the EMA teacher when there is one."""

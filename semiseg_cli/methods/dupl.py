@@ -31,7 +31,7 @@ from torch import nn
 
 from semiseg_cli.data.transforms import denormalize
 from semiseg_cli.engine import distributed
-from semiseg_cli.errors import UserError
+from semiseg_cli.errors import UserError, warn
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
 from semiseg_cli.methods.cam import (
     IGNORE,
@@ -217,8 +217,15 @@ class DuPL(Method):
         return build_dual_net(cfg, num_classes)
 
     @classmethod
-    def check_config(cls, cfg: Any, num_classes: int) -> None:
+    def check_config(cls, cfg: Any, num_classes: int | None) -> None:
         p = cfg.dupl
+        if p.seg_start >= cfg.train.iters:
+            warn(
+                f"dupl.seg_start ({p.seg_start}) is not below train.iters ({cfg.train.iters}): the segmentation heads "
+                "never learn from the CAM pseudo-labels and the model predicts nothing useful; lower dupl.seg_start"
+            )
+        if num_classes is None:
+            return
         if num_classes < 2:
             raise UserError(f"DuPL needs background (class 0) plus at least one foreground class; the dataset has {num_classes}")
         bad = [c for c in p.fixed_tau_classes if not 1 <= c < num_classes]

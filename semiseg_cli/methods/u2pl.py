@@ -97,10 +97,17 @@ class U2PL(Method):
         return build_model(model_cfg, num_classes)
 
     @classmethod
-    def check_config(cls, cfg: Any, num_classes: int) -> None:
-        """Refuse settings under which the contrastive loss would silently be zero."""
+    def check_config(cls, cfg: Any, num_classes: int | None) -> None:
+        """Refuse settings under which the run would not be U2PL: a warm-up as long as the run,
+        or a contrastive loss that is silently zero. `num_classes` is None when the data is not
+        at hand (`--dry-run` elsewhere): the rules that need it then wait for `train`."""
         p = cfg.u2pl
-        if not p.contrastive:
+        if p.sup_only_iters is not None and p.sup_only_iters >= cfg.train.iters:
+            raise UserError(
+                f"u2pl.sup_only_iters ({p.sup_only_iters}) is not below train.iters ({cfg.train.iters}), so no step would "
+                "use the unlabeled images (a supervised run named U2PL); lower u2pl.sup_only_iters or raise --iters"
+            )
+        if not p.contrastive or num_classes is None:
             return
         if cfg.model.arch != "deeplabv3plus":
             raise UserError(
@@ -122,6 +129,18 @@ class U2PL(Method):
 
     def inference_model(self) -> nn.Module:
         return self.teacher.module if int(self.ema_updates) > 0 else self.model
+
+    @classmethod
+    def check_schedule(cls, cfg: Any, ctx: Any) -> None:
+        """The default warm-up is one epoch over the unlabeled pool: refuse a run no longer than it."""
+        p = cfg.u2pl
+        epoch = p.epoch_iters if p.epoch_iters > 0 else ctx.epoch_iters
+        if p.sup_only_iters is None and epoch >= ctx.total_iters:
+            raise UserError(
+                f"u2pl's supervised-only warm-up is one epoch ({epoch} iterations over {ctx.unlabeled_size} unlabeled "
+                f"images), not below train.iters ({ctx.total_iters}), so no step would use the unlabeled images; "
+                "set u2pl.sup_only_iters lower (e.g. 0) or raise --iters"
+            )
 
     # ------------------------------------------------------------------ schedules
     def _epoch_iters(self) -> int:
