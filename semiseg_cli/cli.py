@@ -29,7 +29,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal (or 80 columns when not a terminal);
+# tables on stdout still fit the width.
+err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console()
 
 # ----------------------------------------------------------------------------- option types
@@ -50,6 +52,11 @@ def user_errors(fn: F) -> F:
             with held_warnings():
                 return fn(*args, **kwargs)
         except UserError as e:
+            problems = getattr(e, "problems", None)
+            if problems and len(problems) > getattr(e, "shown", len(problems)):
+                # The error line shows the first few; the full list, so one pass fixes them all.
+                for p in problems:
+                    err_console.print(f"  - {p}", highlight=False, markup=False)
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
@@ -108,23 +115,20 @@ def prepare_splits_cmd(
     split: Annotated[str, typer.Option(help="Training pool (voc: train or train_aug).")] = "train",
     unlabeled_split: Annotated[Optional[str], typer.Option(help="Add this pool's other images to unlabeled.txt (U2PL's VOC classic: --split train --unlabeled-split train_aug).")] = None,
     tags: Annotated[bool, typer.Option("--tags", help="Also write tags.json (image-level class tags) for weak supervision.")] = False,
+    val_split: Annotated[str, typer.Option(help="Validation split checked too (training validates on it).")] = "val",
     overwrite: Overwrite = False,
 ) -> None:
-    """Validate a dataset and draw reproducible labeled/unlabeled splits.
+    """Validate a dataset (training pool and validation split) and draw reproducible labeled/unlabeled splits.
 
     Example: [cyan]semiseg prepare-splits --dataset camvid --root ../shared/data/camvid --labeled 1/8 --out splits/camvid[/]
     """
-    from semiseg_cli.data.splits import DatasetProblems, parse_amounts, prepare_splits
+    from semiseg_cli.data.splits import parse_amounts, prepare_splits
 
     amounts = parse_amounts(labeled)
-    try:
-        written = prepare_splits(
-            dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags, unlabeled_split=unlabeled_split
-        )
-    except DatasetProblems as e:
-        for p in e.problems:  # every problem, so one pass fixes them all
-            err_console.print(f"  - {p}", highlight=False, markup=False)
-        raise
+    written = prepare_splits(
+        dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags,
+        unlabeled_split=unlabeled_split, val_split=val_split,
+    )
     for path in written:
         out_console.print(f"wrote {path}")
 

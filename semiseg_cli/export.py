@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 from semiseg_cli import __version__
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import check_output_file
 
 DEFAULT_OPSET = 18
 EXAMPLE_SHAPE = (2, 3, 64, 96)  # export example: batch 2 (a batch of 1 invites specialisation), H != W
@@ -216,10 +217,9 @@ def run_export(
     if not 7 <= opset <= 23:
         raise UserError(f"--opset {opset} is outside what the torch exporters write; use 17 or 18")
     onnx_path = Path(onnx_path)
-    if onnx_path.exists() and not overwrite:
-        raise UserError(f"{onnx_path} exists; pass --overwrite to replace it")
     if onnx_path.is_dir():
-        raise UserError(f"{onnx_path} is a folder; give a file name like model.onnx")
+        raise UserError(f"--onnx {onnx_path} is a folder; give a file name like model.onnx")
+    check_output_file(onnx_path, overwrite, "--onnx")
     goal = min_agreement if min_agreement is not None else (GOAL_FP16 if fp16 else GOAL_FP32)
     if not 0 <= goal <= 1:
         raise UserError(f"--min-agreement must be in [0, 1] (got {goal})")
@@ -231,7 +231,7 @@ def run_export(
     import torch
 
     from semiseg_cli.engine.checkpoint import load_for_inference
-    from semiseg_cli.io import atomic_path
+    from semiseg_cli.io import atomic_path, clean_stale_temps
 
     model, cfg, ckpt = load_for_inference(checkpoint, "cpu", weights)
     used = "teacher" if (weights != "student" and ckpt.get("has_teacher")) else "student"
@@ -242,6 +242,7 @@ def run_export(
     example = torch.randn(*EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(1))
 
     t0 = time.perf_counter()
+    clean_stale_temps(onnx_path.parent)  # an export killed earlier
     with atomic_path(onnx_path) as tmp:
         try:
             _export_graph(module, example, tmp, exporter, opset)

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,8 +88,9 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "output folder") 
 
 
 def clean_stale_temps(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
-    """Remove temporary files of our own naming whose writing process no longer runs (left by
-    a `kill -9`); returns what was removed. Files of live writers and all other files stay."""
+    """Remove temporary files (and folders) of our own naming whose writing process no longer
+    runs (left by a `kill -9`); returns what was removed. Those of live writers and all other
+    files stay."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -103,7 +105,10 @@ def clean_stale_temps(folder: str | os.PathLike[str], recursive: bool = False) -
         if pid != os.getpid() and _alive(pid):
             continue
         try:
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed.append(p)
         except OSError:
             pass

@@ -44,8 +44,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from semiseg_cli import __version__
-from semiseg_cli.errors import UserError
-from semiseg_cli.io import atomic_path, write_json, write_text
+from semiseg_cli.errors import UserError, flush_warnings
+from semiseg_cli.io import atomic_path, check_output_dir, clean_stale_temps, write_json, write_text
 
 # No `from __future__ import annotations` here: Typer must evaluate the option annotations of the
 # command defined inside `register`, which a string annotation would hide from it.
@@ -325,6 +325,7 @@ def prepare_out_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
                     "pass --overwrite to replace them, or choose another --out"
                 )
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out, recursive=True)  # files of a dump killed mid-write
 
 
 def training_encoding(layout: Any) -> "np.ndarray | None":
@@ -672,6 +673,7 @@ def run_pseudo_label(
     from semiseg_cli.inference import InferenceSettings
 
     s = settings or PseudoLabelSettings()
+    check_output_dir(out, "--out")
     if s.fmt not in ("png", "npz"):
         raise UserError(f"--format must be png or npz (got {s.fmt!r})")
     if s.min_confidence is not None and not 0 <= s.min_confidence <= 1:
@@ -712,7 +714,9 @@ def run_pseudo_label(
         "settings": s.identity(),
     }
     out = Path(out)
+    created = not out.exists()
     prepare_out_dir(out, identity, overwrite)
+    flush_warnings()
     u16 = s.fmt == "png"
     meta = {
         "format": META_FORMAT,
@@ -778,6 +782,9 @@ def run_pseudo_label(
         finally:
             seconds, cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - c0
             records = _finish(out, pairs, stems, wanted, layout.root, encoding is not None)
+    if error is not None and not records:  # a failed start leaves nothing behind
+        _discard(out, created)
+        raise UserError(f"{error}; nothing was written to {out}: fix the file and rerun")
     summary = summarise(records, class_names)
     write_json(out / "summary.json", summary)
     if error is not None:
@@ -787,6 +794,19 @@ def run_pseudo_label(
         print_summary(summary, console, ttl)
         console.print(f"{len(todo)} images labelled, {skipped} already done (skipped); manifest {out / 'manifest.jsonl'}", highlight=False)
     return PseudoLabelResult(out, len(todo), skipped, summary, seconds, cpu_seconds, meta)
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove what this command wrote into `out` (the folder too when it created it)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in OWNED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
 
 
 def _cpu_seconds() -> float:

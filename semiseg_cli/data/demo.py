@@ -16,8 +16,9 @@ val images do not change with `n_train`), and PNGs are written without timestamp
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,7 @@ from PIL import Image
 
 from semiseg_cli.data.datasets import index_palette
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import TMP_MARK, check_output_dir, clean_stale_temps
 
 CLASS_NAMES = ["background", "disc", "box", "triangle", "stripes"]
 MARKER = "semiseg_demo.json"
@@ -190,10 +192,18 @@ def generate_demo(
     """
     out = Path(out)
     _check_args(n_train, n_val, size)
+    check_output_dir(out, "demo data folder")
     _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created_parent = _nearest_missing(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out.parent}: {e.strerror}; choose another --out") from None
+    clean_stale_temps(out.parent)  # a generation killed earlier
     palette = [c for rgb in index_palette(len(CLASS_NAMES)) for c in rgb]
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    ok = False
     try:
         train_seq, val_seq = np.random.SeedSequence(seed).spawn(2)
         _write_split(tmp, "train", n_train, size, np.random.default_rng(train_seq), palette)
@@ -202,6 +212,21 @@ def generate_demo(
         info = {"generator": "semiseg demo", "version": VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "size": size}
         (tmp / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         _install(tmp, out)
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not ok and created_parent is not None:  # a failed command leaves no folders behind
+            shutil.rmtree(created_parent, ignore_errors=True)
     return out
+
+
+def _nearest_missing(folder: Path) -> Path | None:
+    """The top-most folder of `folder`'s chain that does not exist yet (None: it exists)."""
+    missing = None
+    p = folder
+    while not p.exists():
+        missing = p
+        if p.parent == p:
+            break
+        p = p.parent
+    return missing

@@ -24,6 +24,8 @@ SHOWN_PROBLEMS = 3
 class DatasetProblems(UserError):
     """The pool has bad files. The message is one line; `.problems` holds every line for the CLI."""
 
+    shown = SHOWN_PROBLEMS
+
     def __init__(self, problems: list[str], where: str) -> None:
         self.problems = list(problems)
         n = len(problems)

@@ -113,7 +113,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     last = run_dir / "last.pt"
     if resume:
         if not last.is_file():
-            raise UserError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
+            raise UserError(
+                f"nothing to resume: {last} does not exist (the run stopped before its first checkpoint); "
+                "start it again with --overwrite instead of --resume"
+            )
         return
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UserError(f"run folder {run_dir} is not empty; pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
