@@ -105,17 +105,10 @@ class PseudoLabelSettings:
 
 
 def normalised_entropy(probs: "torch.Tensor") -> "torch.Tensor":
-    """Entropy of (B,C,H,W) probabilities divided by ln(C): 0 = one-hot, 1 = uniform.
+    """Entropy of (B,C,H,W) probabilities divided by ln(C): 0 = one-hot, 1 = uniform (0 for C = 1)."""
+    from semiseg_cli.ops import entropy
 
-    With a single class the entropy is 0 and so is the result (no division by ln 1 = 0).
-    """
-    import torch
-
-    c = probs.shape[1]
-    ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
-    if c < 2:
-        return torch.zeros_like(ent)
-    return (ent / math.log(c)).clamp_(0.0, 1.0)
+    return entropy(probs, 1, normalise=True)
 
 
 def reliable_mask(
@@ -137,19 +130,13 @@ def reliable_mask(
     """
     import torch
 
+    from semiseg_cli.ops import keep_low_entropy
+
     keep = torch.ones_like(confidence, dtype=torch.bool)
     if min_confidence is not None:
         keep &= confidence >= min_confidence
     if drop_percent is not None and drop_percent > 0:
-        flat = entropy.flatten(1)
-        n = flat.shape[1]
-        n_drop = int(round(n * drop_percent / 100.0))
-        if n_drop >= n:
-            keep &= False
-        elif n_drop > 0:
-            # The largest kept value; kthvalue has no input size limit (torch.quantile does).
-            thresh = flat.kthvalue(n - n_drop, dim=1).values
-            keep &= entropy <= thresh.view(-1, *([1] * (entropy.dim() - 1)))
+        keep &= keep_low_entropy(entropy, 100.0 - drop_percent, scope="image")
     return keep
 
 
@@ -329,26 +316,9 @@ def prepare_out_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
 
 
 def training_encoding(layout: Any) -> "np.ndarray | None":
-    """class id -> stored mask value, for layouts whose stored values are not class ids.
-
-    None when the layout reads class ids as they are (VOC, CamVid, folder, demo). For Cityscapes
-    the labels written for training must be labelIds, or the reader would map them again.
-    """
-    import numpy as np
-
-    lut = layout._lut
-    n = layout.num_classes
-    if (lut[:n] == np.arange(n)).all():
-        return None
-    enc = np.full(256, IGNORE, np.uint8)
-    for c in range(n):
-        hits = np.flatnonzero(lut == c)
-        if len(hits) == 0:
-            raise UserError(f"the {layout.name} layout stores no value for class {c}; cannot write its pseudo-labels as masks")
-        enc[c] = hits[0]
-    if lut[IGNORE] != IGNORE or not layout._allowed[IGNORE]:
-        raise UserError(f"the {layout.name} layout does not read {IGNORE} as ignore; cannot write unreliable pixels")
-    return enc
+    """class id -> stored mask value, for layouts whose stored values are not class ids (the
+    layout's own `training_encoding`; None for VOC, CamVid, folder and demo)."""
+    return layout.training_encoding()
 
 
 # ----------------------------------------------------------------------------- data

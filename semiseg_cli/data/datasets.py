@@ -177,6 +177,24 @@ class Layout:
     def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
         raise NotImplementedError
 
+    def training_encoding(self) -> np.ndarray | None:
+        """class id -> stored mask value, so that labels written for training (pseudo-labels)
+        read back as the same class ids; None when stored values are class ids already.
+
+        For Cityscapes the written masks must be labelIds, or the reader would map them again."""
+        n = self.num_classes
+        if (self._lut[:n] == np.arange(n)).all():
+            return None
+        enc = np.full(256, IGNORE, np.uint8)
+        for c in range(n):
+            hits = np.flatnonzero(self._lut == c)
+            if len(hits) == 0:
+                raise UserError(f"the {self.name} layout stores no value for class {c}; cannot write its pseudo-labels as masks")
+            enc[c] = hits[0]
+        if self._lut[IGNORE] != IGNORE or not self._allowed[IGNORE]:
+            raise UserError(f"the {self.name} layout does not read {IGNORE} as ignore; cannot write unreliable pixels")
+        return enc
+
     # ----------------------------------------------------------------------------- helpers
 
     def _fail(self, what: str) -> UserError:

@@ -116,6 +116,10 @@ class Method(nn.Module):
         """Called by the loop once data sizes and the device are known, before optimizers exist."""
         self.ctx = ctx
 
+    def total_iters(self) -> int:
+        """The run's length: the loop's, or the config's before `setup` (unit tests)."""
+        return self.ctx.total_iters if self.ctx is not None else self.cfg.train.iters
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def build_inference_model(cls, cfg: Any, num_classes: int) -> nn.Module:

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semiseg_cli.ops import entropy, percentiles  # noqa: F401 - the method's shared operations
+
 # torch.quantile refuses inputs above 2**24 elements; larger inputs are subsampled uniformly.
-_QUANTILE_MAX = 2**24
+
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -46,28 +48,6 @@ def alpha_at(frac: float, alpha_0: float) -> float:
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
-
-
-def entropy(prob: Tensor, dim: int = 1) -> Tensor:
-    """Shannon entropy of a probability map (the official code's +1e-10 inside the log)."""
-    return -(prob * torch.log(prob + 1e-10)).sum(dim)
-
-
-def percentiles(values: Tensor, valid: Tensor | None, percents: list[float]) -> Tensor:
-    """`np.percentile(values[valid], percents)` (linear interpolation) without a host sync:
-    invalid entries become NaN and `nanquantile` skips them. All-invalid input gives NaN, which
-    compares False everywhere (nothing is kept/dropped by a NaN threshold; callers guard counts).
-
-    Inputs above 2**24 elements (torch's limit) are subsampled uniformly at random, which moves
-    the threshold by far less than one percentile point at these sizes.
-    """
-    v = values.detach().float().flatten()
-    if valid is not None:
-        v = torch.where(valid.flatten(), v, torch.full_like(v, float("nan")))
-    if v.numel() > _QUANTILE_MAX:
-        v = v[torch.randint(v.numel(), (_QUANTILE_MAX,), device=v.device)]
-    q = torch.tensor([p / 100.0 for p in percents], device=v.device, dtype=v.dtype).clamp(0, 1)
-    return torch.nanquantile(v, q)
 
 
 def unsup_loss(
