@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from semiseg_cli.engine.loop import resolve_device
+from semiseg_cli.engine.device import resolve_device
 from semiseg_cli.pseudo_label import (
     PseudoLabelDataset,
     PseudoLabelSettings,

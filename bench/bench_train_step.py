@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semiseg_cli.config import METHOD_NAMES, build_config  # noqa: E402
-from semiseg_cli.engine.loop import resolve_device  # noqa: E402
+from semiseg_cli.engine.device import resolve_device  # noqa: E402
 from semiseg_cli.methods import get_method  # noqa: E402
 from semiseg_cli.methods.base import TrainContext  # noqa: E402
 

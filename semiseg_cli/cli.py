@@ -1,93 +1,49 @@
-"""The `semiseg` command line: parse, validate, call the library, map errors. Nothing else.
+"""The `semiseg` command line: each command parses its options and calls the library. Nothing else.
 
-User errors (`UserError`) print as one line on stderr and exit non-zero without a traceback;
-anything else is a bug and keeps its traceback.
+Option types, value parsers and the mapping of `UserError` to one line on stderr live one level
+down, in `cli_options.py` (the mapping is the command group's, so it happens once for all
+commands). Every command is registered here, statically; library modules never import this one.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from semiseg_cli import __version__
-from semiseg_cli.errors import UserError, held_warnings
+from semiseg_cli.cli_options import (
+    Checkpoint,
+    DeviceOpt,
+    FlipOpt,
+    ModeOpt,
+    Overwrite,
+    RootOpt,
+    ScalesOpt,
+    SemisegGroup,
+    WeightsOpt,
+    check_choice,
+    err_console,
+    out_console,
+    parse_floats,
+    parse_size,
+)
+from semiseg_cli.errors import UserError
+from semiseg_cli.export import DEFAULT_OPSET
 
-F = TypeVar("F", bound=Callable[..., Any])
 _UNSET = object()
 
 app = typer.Typer(
     name="semiseg",
+    cls=SemisegGroup,
     help="Semantic segmentation with scarce labels: semi-supervised (U2PL, AdvSemiSeg) and weakly supervised (DuPL).",
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-# soft_wrap: a message is one line however narrow the terminal (or 80 columns when not a terminal);
-# tables on stdout still fit the width.
-err_console = Console(stderr=True, soft_wrap=True)
-out_console = Console()
-
-# ----------------------------------------------------------------------------- option types
-Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="A best.pt/last.pt written by `semiseg train`.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Runtime")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
-ScalesOpt = Annotated[Optional[str], typer.Option("--scales", help="Test-time scales, e.g. 0.75,1.0,1.25.", rich_help_panel="Inference")]
-FlipOpt = Annotated[bool, typer.Option("--flip", help="Average with horizontally flipped predictions.", rich_help_panel="Inference")]
-ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="whole | slide.", rich_help_panel="Inference")]
-
-
-def user_errors(fn: F) -> F:
-    """Map `UserError` to a one-line message and its exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with held_warnings():
-                return fn(*args, **kwargs)
-        except UserError as e:
-            problems = getattr(e, "problems", None)
-            if problems and len(problems) > getattr(e, "shown", len(problems)):
-                # The error line shows the first few; the full list, so one pass fixes them all.
-                for p in problems:
-                    err_console.print(f"  - {p}", highlight=False, markup=False)
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]; outputs written so far are complete (rerun to resume)")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated numbers, e.g. 0.75,1.0,1.25 (got {text!r})") from None
-    if not vals or min(vals) <= 0:
-        raise UserError(f"{what} must be positive numbers (got {text!r})")
-    return vals
-
-
-def parse_size(text: str, what: str) -> tuple[int, int]:
-    try:
-        parts = [int(x) for x in text.replace("x", ",").split(",") if x]
-    except ValueError:
-        raise UserError(f"{what} must be one or two integers like 321 or 224,288 (got {text!r})") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise UserError(f"{what} must be one or two integers like 321 or 224,288 (got {text!r})")
-    return parts[0], parts[1]
 
 
 def _version(value: bool) -> None:
@@ -105,7 +61,6 @@ def _root(
 
 # ----------------------------------------------------------------------------- prepare-splits
 @app.command("prepare-splits", rich_help_panel="Data")
-@user_errors
 def prepare_splits_cmd(
     dataset: Annotated[str, typer.Option(help="voc | cityscapes | camvid | folder | demo.")],
     root: Annotated[Path, typer.Option(help="Dataset root folder.")],
@@ -135,7 +90,6 @@ def prepare_splits_cmd(
 
 # ----------------------------------------------------------------------------- train
 @app.command("train", rich_help_panel="Train and evaluate")
-@user_errors
 def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name in presets/ or a .toml path.")] = None,
     method: Annotated[Optional[str], typer.Option(help="supervised | u2pl | advsemiseg | dupl (overrides the preset).")] = None,
@@ -207,7 +161,6 @@ def train_cmd(
 
 # ----------------------------------------------------------------------------- eval
 @app.command("eval", rich_help_panel="Train and evaluate")
-@user_errors
 def eval_cmd(
     checkpoint: Checkpoint,
     split: Annotated[str, typer.Option(help="Dataset split (val, test) or a split file.")] = "val",
@@ -216,7 +169,7 @@ def eval_cmd(
     scales: ScalesOpt = None,
     flip: FlipOpt = False,
     crop_size: Annotated[Optional[str], typer.Option(help="Sliding-window size.", rich_help_panel="Inference")] = None,
-    weights: Annotated[str, typer.Option(help="auto (EMA teacher if any) | teacher | student.")] = "auto",
+    weights: WeightsOpt = "auto",
     device: DeviceOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON.")] = None,
     confusion_png: Annotated[Optional[Path], typer.Option(help="Write the row-normalised confusion matrix as PNG.")] = None,
@@ -233,8 +186,7 @@ def eval_cmd(
     """
     from semiseg_cli.eval_report import run_eval
 
-    if mode is not None and mode not in ("whole", "slide"):
-        raise UserError(f"--mode must be whole or slide (got {mode!r})")
+    check_choice(mode, "--mode", ("whole", "slide"))
     run_eval(
         checkpoint, split=split, root=root, mode=mode, scales=parse_floats(scales, "--scales"), flip=flip,
         crop_size=parse_size(crop_size, "--crop-size") if crop_size else None, weights=weights,
@@ -245,7 +197,6 @@ def eval_cmd(
 
 # ----------------------------------------------------------------------------- demo data
 @app.command("demo-data", rich_help_panel="Data")
-@user_errors
 def demo_data_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the demo dataset into.")] = Path("demo_data"),
     n_train: Annotated[int, typer.Option(help="Training images.")] = 300,
@@ -261,21 +212,67 @@ def demo_data_cmd(
     out_console.print(f"demo dataset in {path}")
 
 
-def _register_optional() -> None:
-    """Commands whose modules are owned elsewhere register themselves here."""
-    import importlib
+# ----------------------------------------------------------------------------- pseudo-label
+@app.command("pseudo-label", rich_help_panel="Train and evaluate")
+def pseudo_label_cmd(
+    checkpoint: Checkpoint,
+    split: Annotated[str, typer.Option(help="A split file (unlabeled.txt) or a split name of the checkpoint's dataset.")],
+    out: Annotated[Path, typer.Option(help="Output folder (resumed when it holds the same checkpoint's labels).")],
+    root: RootOpt = None,
+    min_confidence: Annotated[Optional[float], typer.Option(help="Mark pixels below this max probability 255.", rich_help_panel="Reliability")] = None,
+    drop_percent: Annotated[Optional[float], typer.Option(help="Mark the N% highest-entropy pixels of each image 255 (U2PL).", rich_help_panel="Reliability")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Confidence/entropy maps: png (16-bit) or npz (float16).")] = "png",
+    overlays: Annotated[bool, typer.Option("--overlays", help="Also write overlays/NAME.jpg (image + colour labels).")] = False,
+    mode: ModeOpt = None,
+    scales: ScalesOpt = None,
+    flip: FlipOpt = False,
+    crop_size: Annotated[Optional[str], typer.Option(help="Sliding-window size (with --mode slide).", rich_help_panel="Inference")] = None,
+    weights: WeightsOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images only).", rich_help_panel="Runtime")] = 4,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel="Runtime")] = 2,
+    device: DeviceOpt = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write pseudo-labels, confidence and entropy maps, a manifest and a split file for a split.
 
-    for module in ("semiseg_cli.pseudo_label", "semiseg_cli.export"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(app, user_errors)
+    Example: [cyan]semiseg pseudo-label -c runs/demo-u2pl/best.pt --split splits/demo/unlabeled.txt --out pl/demo --drop-percent 20[/]
+    """
+    from semiseg_cli.pseudo_label import PseudoLabelSettings, run_pseudo_label
+
+    check_choice(mode, "--mode", ("whole", "slide"))
+    check_choice(weights, "--weights", ("auto", "teacher", "student"))
+    s = PseudoLabelSettings(
+        min_confidence=min_confidence, drop_percent=drop_percent, fmt=fmt, mode=mode,
+        scales=parse_floats(scales, "--scales"), flip=flip,
+        crop_size=parse_size(crop_size, "--crop-size") if crop_size else None,
+        overlays=overlays, batch_size=batch_size, workers=workers,
+    )
+    run_pseudo_label(checkpoint, split, out, root=root, settings=s, weights=weights, device=device,
+                     overwrite=overwrite, console=out_console, progress_console=err_console)
 
 
-_register_optional()
+# ----------------------------------------------------------------------------- export
+@app.command("export", rich_help_panel="Ship")
+def export_cmd(
+    checkpoint: Checkpoint,
+    onnx: Annotated[Path, typer.Option("--onnx", help="Output .onnx file (one file, weights inside).")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store weights in float16 (input and output stay float32).")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
+    exporter: Annotated[str, typer.Option(help="dynamo (torch.export, default) | legacy (TorchScript tracing).")] = "dynamo",
+    weights: WeightsOpt = "auto",
+    min_agreement: Annotated[Optional[float], typer.Option(help="Argmax agreement goal of the check (default 0.999; 0.99 with --fp16).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Export the inference network to one ONNX file and check it with onnxruntime.
+
+    Example: [cyan]semiseg export -c runs/demo-u2pl/best.pt --onnx demo.onnx[/]
+    """
+    from semiseg_cli.export import run_export
+
+    report = run_export(checkpoint, onnx, opset=opset, fp16=fp16, exporter=exporter, weights=weights,
+                        min_agreement=min_agreement, overwrite=overwrite, console=out_console)
+    out_console.print(f"wrote {report.path} ({report.size_bytes / 2**20:.1f} MiB, {report.precision}, opset {report.opset}, "
+                      f"{report.exporter} exporter, exported in {report.seconds:.1f} s)", highlight=False)
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ def run_eval(
     from semiseg_cli.data.splits import read_split_file
     from semiseg_cli.engine.checkpoint import load_checkpoint, load_for_inference
     from semiseg_cli.engine.loaders import dataset_sizes, eval_loader
-    from semiseg_cli.engine.loop import resolve_device
+    from semiseg_cli.engine.device import resolve_device
     from semiseg_cli.inference import InferenceSettings, evaluate
 
     _check_outputs(json_out, confusion_png, overwrite)

@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from semiseg_cli import __version__
 from semiseg_cli.errors import UserError
@@ -282,33 +282,3 @@ def print_report(report: ExportReport, console: Any) -> None:
                       f"{c.relative:.2e}", f"{100 * c.agreement:.3f}")
     table.caption = f"goal: agreement >= {100 * report.goal:.1f}% of pixels on every input"
     console.print(table)
-
-
-def register(app: Any, user_errors: Callable[[Any], Any]) -> None:
-    """Add `semiseg export` to the Typer app (called by semiseg_cli.cli)."""
-    from typing import Annotated, Optional
-
-    import typer
-
-    from semiseg_cli.cli import Checkpoint, Overwrite, out_console
-
-    @app.command("export", rich_help_panel="Ship")
-    @user_errors
-    def export_cmd(
-        checkpoint: Checkpoint,
-        onnx: Annotated[Path, typer.Option("--onnx", help="Output .onnx file (one file, weights inside).")],
-        fp16: Annotated[bool, typer.Option("--fp16", help="Store weights in float16 (input and output stay float32).")] = False,
-        opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
-        exporter: Annotated[str, typer.Option(help="dynamo (torch.export, default) | legacy (TorchScript tracing).")] = "dynamo",
-        weights: Annotated[str, typer.Option(help="auto (EMA teacher if any) | teacher | student.")] = "auto",
-        min_agreement: Annotated[Optional[float], typer.Option(help="Argmax agreement goal of the check (default 0.999; 0.99 with --fp16).")] = None,
-        overwrite: Overwrite = False,
-    ) -> None:
-        """Export the inference network to one ONNX file and check it with onnxruntime.
-
-        Example: [cyan]semiseg export -c runs/demo-u2pl/best.pt --onnx demo.onnx[/]
-        """
-        report = run_export(checkpoint, onnx, opset=opset, fp16=fp16, exporter=exporter, weights=weights,
-                            min_agreement=min_agreement, overwrite=overwrite, console=out_console)
-        out_console.print(f"wrote {report.path} ({report.size_bytes / 2**20:.1f} MiB, {report.precision}, opset {report.opset}, "
-                          f"{report.exporter} exporter, exported in {report.seconds:.1f} s)", highlight=False)

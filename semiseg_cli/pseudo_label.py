@@ -34,21 +34,18 @@ What can go wrong, and what this module does about it:
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from semiseg_cli import __version__
 from semiseg_cli.errors import UserError, flush_warnings
 from semiseg_cli.io import atomic_path, check_output_dir, clean_stale_temps, write_json, write_text
 
-# No `from __future__ import annotations` here: Typer must evaluate the option annotations of the
-# command defined inside `register`, which a string annotation would hide from it.
 if TYPE_CHECKING:  # torch and numpy load lazily: `semiseg --help` should not import torch
     import numpy as np
     import torch
@@ -633,13 +630,12 @@ def run_pseudo_label(
     progress_console: Any = None,
 ) -> PseudoLabelResult:
     import numpy as np
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from torch.utils.data import DataLoader
 
     from semiseg_cli.data import get_layout
     from semiseg_cli.engine.checkpoint import load_for_inference
-    from semiseg_cli.engine.loop import resolve_device
+    from semiseg_cli.engine.device import resolve_device
     from semiseg_cli.inference import InferenceSettings
 
     s = settings or PseudoLabelSettings()
@@ -873,53 +869,3 @@ def _finish(out: Path, pairs: Sequence[tuple[str, str | None]], stems: Sequence[
     elif lines:
         (out / "split.txt").unlink(missing_ok=True)
     return records
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def register(app: Any, user_errors: Callable[[Any], Any]) -> None:
-    """Add `semiseg pseudo-label` to the Typer app (called by semiseg_cli.cli)."""
-    from typing import Annotated
-
-    import typer
-
-    from semiseg_cli.cli import Checkpoint, DeviceOpt, FlipOpt, ModeOpt, Overwrite, ScalesOpt, err_console, out_console, parse_floats, parse_size
-
-    @app.command("pseudo-label", rich_help_panel="Train and evaluate")
-    @user_errors
-    def pseudo_label_cmd(
-        checkpoint: Checkpoint,
-        split: Annotated[str, typer.Option(help="A split file (unlabeled.txt) or a split name of the checkpoint's dataset.")],
-        out: Annotated[Path, typer.Option(help="Output folder (resumed when it holds the same checkpoint's labels).")],
-        root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since training.")] = None,
-        min_confidence: Annotated[Optional[float], typer.Option(help="Mark pixels below this max probability 255.", rich_help_panel="Reliability")] = None,
-        drop_percent: Annotated[Optional[float], typer.Option(help="Mark the N% highest-entropy pixels of each image 255 (U2PL).", rich_help_panel="Reliability")] = None,
-        fmt: Annotated[str, typer.Option("--format", help="Confidence/entropy maps: png (16-bit) or npz (float16).")] = "png",
-        overlays: Annotated[bool, typer.Option("--overlays", help="Also write overlays/NAME.jpg (image + colour labels).")] = False,
-        mode: ModeOpt = None,
-        scales: ScalesOpt = None,
-        flip: FlipOpt = False,
-        crop_size: Annotated[Optional[str], typer.Option(help="Sliding-window size (with --mode slide).", rich_help_panel="Inference")] = None,
-        weights: Annotated[str, typer.Option(help="auto (EMA teacher if any) | teacher | student.")] = "auto",
-        batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images only).", rich_help_panel="Runtime")] = 4,
-        workers: Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel="Runtime")] = 2,
-        device: DeviceOpt = None,
-        overwrite: Overwrite = False,
-    ) -> None:
-        """Write pseudo-labels, confidence and entropy maps, a manifest and a split file for a split.
-
-        Example: [cyan]semiseg pseudo-label -c runs/demo-u2pl/best.pt --split splits/demo/unlabeled.txt --out pl/demo --drop-percent 20[/]
-        """
-        if mode is not None and mode not in ("whole", "slide"):
-            raise UserError(f"--mode must be whole or slide (got {mode!r})")
-        if weights not in ("auto", "teacher", "student"):
-            raise UserError(f"--weights must be auto, teacher or student (got {weights!r})")
-        s = PseudoLabelSettings(
-            min_confidence=min_confidence, drop_percent=drop_percent, fmt=fmt, mode=mode,
-            scales=parse_floats(scales, "--scales"), flip=flip,
-            crop_size=parse_size(crop_size, "--crop-size") if crop_size else None,
-            overlays=overlays, batch_size=batch_size, workers=workers,
-        )
-        run_pseudo_label(checkpoint, split, out, root=root, settings=s, weights=weights, device=device,
-                         overwrite=overwrite, console=out_console, progress_console=err_console)

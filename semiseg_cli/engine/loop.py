@@ -10,7 +10,6 @@ message (and the last good checkpoint kept) when the loss stops being finite.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -24,6 +23,7 @@ from torch import nn
 
 from semiseg_cli.config import config_to_toml
 from semiseg_cli.engine import distributed
+from semiseg_cli.engine.device import resolve_device
 from semiseg_cli.engine.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from semiseg_cli.engine.loaders import eval_loader, infinite_loader, to_device
 from semiseg_cli.errors import UserError, flush_warnings
@@ -44,27 +44,6 @@ class TrainResult:
     best_miou: float
     last_metrics: dict[str, Any] | None
     method: Any = None  # the trained method, unwrapped (for scripts and tests)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} asked for but no CUDA GPU is visible; use --device cpu")
-        if name == "cuda":  # an explicit index: set_device needs one, and so do DDP's device_ids
-            name = f"cuda:{distributed.local_rank() if distributed.launched_by_torchrun() else torch.cuda.current_device()}"
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-        if dev.index is None or dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible; use cuda:0..")
-        torch.cuda.set_device(dev)
-        return dev
-    if name != "cpu":
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -341,7 +320,6 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
          console: Any, show: bool) -> TrainResult:
     run_dir = folder.path
     main = distributed.is_main()
-    method_cls = type(method)
     num_classes = method.num_classes
     total = cfg.train.iters
     start, best, resume_rng = 0, -1.0, None
