@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semiseg_cli.data.datasets import build_dataset, get_layout, load_tags  # noqa: E402
+from semiseg_cli.data import build_dataset, get_layout, load_tags  # noqa: E402
 from semiseg_cli.data.transforms import denormalize  # noqa: E402
 from semiseg_cli.engine.checkpoint import load_for_inference  # noqa: E402
 from semiseg_cli.engine.device import resolve_device  # noqa: E402

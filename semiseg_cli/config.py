@@ -113,6 +113,14 @@ class ModelConfig(Section):
     # DeepLab-v2 classifier: the paper sums all four branches; the official code only two.
     v2_branches: Literal[2, 4] = 4
     sync_bn: bool = True  # only has an effect under torchrun
+    # Bilinear resizes of the network's maps (decoder, logits to the input size, AdvSemiSeg's
+    # discriminator map, evaluation's resize back to the image): PyTorch's default False, or True
+    # as the official U2PL, UniMatch and AdvSemiSeg code. Train and evaluate with the same value.
+    align_corners: bool = False
+    # The backbone's BatchNorm: "none" trains it; "affine" freezes scale/shift (AdvSemiSeg's
+    # official DeepLab-v2; statistics still follow the batch); "all" also freezes and uses the
+    # running statistics (caffe DeepLab-v2). Meant for pretrained backbones.
+    freeze_bn: Literal["none", "affine", "all"] = "none"
 
 
 class OptimConfig(Section):

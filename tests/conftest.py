@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semiseg_cli.data.datasets import index_palette
+from semiseg_cli.data.layouts import index_palette
 
 TreeFactory = Callable[[Path], Path]
 

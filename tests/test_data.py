@@ -22,7 +22,7 @@ from semiseg_cli.data import (
     generate_demo,
     get_layout,
 )
-from semiseg_cli.data.datasets import CAMVID_PALETTE, CITYSCAPES_EVAL_IDS
+from semiseg_cli.data.layouts import CAMVID_PALETTE, CITYSCAPES_EVAL_IDS
 from semiseg_cli.errors import UserError
 
 

@@ -147,7 +147,7 @@ def test_unlabeled_split_adds_the_other_pool_images_as_unlabeled(voc_root: Path,
     assert (tmp_path / "b" / "labeled.txt").read_text() == (tmp_path / "a" / "labeled.txt").read_text()
     # The training loop draws the same pools from the config.
     from semiseg_cli.config import build_config
-    from semiseg_cli.data.datasets import get_layout
+    from semiseg_cli.data.layouts import get_layout
     from semiseg_cli.engine.loop import resolve_pools
 
     cfg = build_config(None, ['data.dataset="voc"', f'data.root="{voc_root}"', 'data.labeled="1"',

@@ -1,17 +1,14 @@
 """Datasets, splits, paired transforms and the synthetic demo set."""
 
-from semiseg_cli.data.datasets import (
+from semiseg_cli.data.datasets import SegDataset, build_dataset, derive_tags, load_tags
+from semiseg_cli.data.layouts import (
     IGNORE,
     CamVidLayout,
     CityscapesLayout,
     FolderLayout,
     Layout,
-    SegDataset,
     VocLayout,
-    build_dataset,
-    derive_tags,
     get_layout,
-    load_tags,
 )
 from semiseg_cli.data.demo import generate_demo
 from semiseg_cli.data.splits import (

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from semiseg_cli.data.datasets import IGNORE, Layout, Pair
+from semiseg_cli.data.layouts import IGNORE, Layout, Pair
 from semiseg_cli.data.splits import DatasetProblems
 from semiseg_cli.errors import UserError, warn
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from semiseg_cli.data.datasets import index_palette
+from semiseg_cli.data.layouts import index_palette
 from semiseg_cli.errors import UserError
 from semiseg_cli.io import TMP_MARK, check_output_dir, clean_stale_temps
 

@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-from semiseg_cli.data.datasets import Layout, get_layout
+from semiseg_cli.data.layouts import Layout, get_layout
 from semiseg_cli.errors import UserError, flush_warnings, warn
 from semiseg_cli.io import check_output_dir, read_text, write_text
 

@@ -57,6 +57,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
             branches=model_cfg.v2_branches,
             aux_head=model_cfg.aux_head,
             dropout=model_cfg.dropout,
+            align_corners=model_cfg.align_corners,
+            freeze_bn=model_cfg.freeze_bn,
         )
     backbone = build_backbone(
         model_cfg.backbone,
@@ -77,4 +79,6 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
         aux_head=model_cfg.aux_head,
         low_proj_channels=model_cfg.low_proj_channels,
         aspp_project_kernel=model_cfg.aspp_project_kernel,
+        align_corners=model_cfg.align_corners,
+        freeze_bn=model_cfg.freeze_bn,
     )

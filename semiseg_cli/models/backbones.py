@@ -76,7 +76,12 @@ def _dilate_basic_layer(layer: nn.Sequential, previous: int, dilation: int) -> N
         _set_dilation(block.conv2, dilation)
 
 
-def _init_conv_bn(module: nn.Module) -> None:
+def init_conv_bn(module: nn.Module) -> None:
+    """Kaiming fan_out normal for every conv (zero bias), weight 1 / bias 0 for every BatchNorm.
+
+    For freshly built layers that are followed by BN + ReLU: the deep stem here, the DeepLab
+    heads in `deeplab.py`. Not for a final classifier conv (see `deeplab._init_classifier`).
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -133,9 +138,9 @@ class ResNetBackbone(Backbone):
             block = type(net.layer1[0])
             net.inplanes, net.dilation = 128, 1
             net.layer1 = net._make_layer(block, 64, len(net.layer1))
-            _init_conv_bn(net.conv1)
-            _init_conv_bn(net.bn1)
-            _init_conv_bn(net.layer1)
+            init_conv_bn(net.conv1)
+            init_conv_bn(net.bn1)
+            init_conv_bn(net.layer1)
 
         if multi_grid is not None:
             blocks = list(net.layer4)

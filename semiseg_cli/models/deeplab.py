@@ -7,16 +7,25 @@ takes its size from a tensor's shape, so odd input sizes work and the graph expo
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from semiseg_cli.errors import UserError
-from semiseg_cli.models.backbones import Backbone
+from semiseg_cli.models.backbones import Backbone, init_conv_bn
+
+# "none": BN trains as usual. "affine": the backbone's BN scale/shift stay as loaded (no gradient,
+# so the optimiser never sees them) while batch statistics are still used and tracked, as in
+# AdvSemiSeg's official DeepLab-v2 (requires_grad False, network in train mode). "all": also the
+# running statistics, used in training too (BN in eval mode), caffe's `use_global_stats`.
+FreezeBN = Literal["none", "affine", "all"]
 
 
-def _resize(x: Tensor, like: Tensor) -> Tensor:
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+def _resize(x: Tensor, like: Tensor, align_corners: bool = False) -> Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=align_corners)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
@@ -26,17 +35,6 @@ def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Seque
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
-
-
-def _init_head(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _init_classifier(conv: nn.Conv2d) -> None:
@@ -58,13 +56,43 @@ def _init_classifier(conv: nn.Conv2d) -> None:
 class SegModel(nn.Module):
     """Base of every segmentation network: a `backbone` attribute, a dict-returning forward.
 
-    The optimiser gives `backbone` the base LR and every other parameter `head_lr_mult` times it.
+    The optimiser gives `backbone` the base LR and every other parameter `head_lr_mult` times it
+    (parameters that do not require grad, such as frozen BN, are left out).
+
+    `align_corners` is used by every bilinear resize inside the network, the last one being the
+    logits' to the input size: False (PyTorch's default) or True (U2PL's, UniMatch's and
+    AdvSemiSeg's official code). It changes the function the network computes, so a checkpoint
+    should be evaluated with the value it was trained with (its config carries it).
     """
 
     backbone: Backbone
+    align_corners: bool = False
+    freeze_bn: FreezeBN = "none"
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _freeze_backbone_bn(self, mode: FreezeBN) -> None:
+        """Freeze the backbone's BatchNorm (see `FreezeBN`); heads' BN is freshly initialised and
+        always trains. Call once the backbone exists; `train()` then keeps the choice."""
+        if mode not in ("none", "affine", "all"):
+            raise ValueError(f"freeze_bn must be none, affine or all (got {mode!r})")
+        self.freeze_bn = mode
+        if mode != "none":
+            for m in self.backbone.modules():
+                if isinstance(m, _BatchNorm):
+                    m.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SegModel":
+        """As `nn.Module.train`, except that with `freeze_bn = "all"` the backbone's BN stays in
+        eval mode, so the loop's `method.train()` never starts updating its statistics."""
+        super().train(mode)
+        if self.freeze_bn == "all":
+            for m in self.backbone.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -104,7 +132,7 @@ class ASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [b(x) for b in self.branches]
-        outs.append(_resize(self.pool(x), x))
+        outs.append(_resize(self.pool(x), x))  # a 1x1 map: align_corners makes no difference
         return self.project(torch.cat(outs, dim=1))
 
 
@@ -140,9 +168,12 @@ class DeepLabV3Plus(SegModel):
         aux_head: bool = False,
         low_proj_channels: int = 48,
         aspp_project_kernel: int = 1,
+        align_corners: bool = False,
+        freeze_bn: FreezeBN = "none",
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.align_corners = align_corners
         self.aspp = ASPP(backbone.out_channels, aspp_channels, tuple(aspp_dilations), dropout, aspp_project_kernel)
         self.low_proj = conv_bn_relu(backbone.low_channels, low_proj_channels, 1)
         fused = aspp_channels + low_proj_channels
@@ -150,7 +181,7 @@ class DeepLabV3Plus(SegModel):
         self.aux = AuxHead(backbone.mid_channels, num_classes, dropout) if aux_head else None
         for m in (self.aspp, self.low_proj, self.classifier, self.aux):
             if m is not None:
-                _init_head(m)
+                init_conv_bn(m)
         # The layers that output class scores get a small init (see `_init_classifier`).
         _init_classifier(self.classifier[-1])
         if self.aux is not None:
@@ -159,17 +190,19 @@ class DeepLabV3Plus(SegModel):
         # the same with or without it: a U2PL run and its supervised baseline share their init.
         self.rep = _fused_head(fused, decoder_channels, rep_dim, dropout) if rep_head else None
         if self.rep is not None:
-            _init_head(self.rep)
+            init_conv_bn(self.rep)
+        self._freeze_backbone_bn(freeze_bn)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        ac = self.align_corners
         f = self.backbone(x)
         low = self.low_proj(f["low"])
-        fused = torch.cat([low, _resize(self.aspp(f["out"]), low)], dim=1)
-        out = {"logits": _resize(self.classifier(fused), x), "feat": f["out"]}
+        fused = torch.cat([low, _resize(self.aspp(f["out"]), low, ac)], dim=1)
+        out = {"logits": _resize(self.classifier(fused), x, ac), "feat": f["out"]}
         if self.rep is not None:
             out["rep"] = self.rep(fused)
         if self.aux is not None:
-            out["aux"] = _resize(self.aux(f["mid"]), x)
+            out["aux"] = _resize(self.aux(f["mid"]), x, ac)
         return out
 
 
@@ -190,6 +223,8 @@ class DeepLabV2(SegModel):
         branches: int = 4,
         aux_head: bool = False,
         dropout: float = 0.1,
+        align_corners: bool = False,
+        freeze_bn: FreezeBN = "none",
     ) -> None:
         super().__init__()
         if branches > len(dilations):
@@ -198,6 +233,7 @@ class DeepLabV2(SegModel):
                 f"(got {tuple(dilations)})"
             )
         self.backbone = backbone
+        self.align_corners = align_corners
         self.classifier = nn.ModuleList(
             [nn.Conv2d(backbone.out_channels, num_classes, 3, padding=d, dilation=d) for d in dilations[:branches]]
         )
@@ -206,15 +242,16 @@ class DeepLabV2(SegModel):
             nn.init.zeros_(conv.bias)
         self.aux = AuxHead(backbone.mid_channels, num_classes, dropout) if aux_head else None
         if self.aux is not None:
-            _init_head(self.aux)
+            init_conv_bn(self.aux)
             _init_classifier(self.aux[-1])
+        self._freeze_backbone_bn(freeze_bn)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.backbone(x)
         logits = self.classifier[0](f["out"])
         for conv in self.classifier[1:]:
             logits = logits + conv(f["out"])
-        out = {"logits": _resize(logits, x), "feat": f["out"]}
+        out = {"logits": _resize(logits, x, self.align_corners), "feat": f["out"]}
         if self.aux is not None:
-            out["aux"] = _resize(self.aux(f["mid"]), x)
+            out["aux"] = _resize(self.aux(f["mid"]), x, self.align_corners)
         return out

@@ -11,11 +11,14 @@ class FCDiscriminator(nn.Module):
     no normalisation (as the paper). Input: a class-probability map (softmax or one-hot);
     output: one logit per pixel, upsampled bilinearly to the input size.
 
-    Each conv halves the map, so inputs need at least 32 pixels on each side.
+    Each conv halves the map, so inputs need at least 32 pixels on each side. `align_corners`
+    is that last resize's (the official code upsamples D's map with the same `align_corners=True`
+    resize as the logits; semiseg passes `model.align_corners`).
     """
 
-    def __init__(self, num_classes: int, ndf: int = 64) -> None:
+    def __init__(self, num_classes: int, ndf: int = 64, align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         widths = [num_classes, ndf, ndf * 2, ndf * 4, ndf * 8, 1]
         layers: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
@@ -28,4 +31,4 @@ class FCDiscriminator(nn.Module):
         h, w = prob_map.shape[-2:]
         if min(int(h), int(w)) < 32:
             raise ValueError(f"FCDiscriminator needs inputs of at least 32x32, got {int(h)}x{int(w)}")
-        return F.interpolate(self.net(prob_map), size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(self.net(prob_map), size=(h, w), mode="bilinear", align_corners=self.align_corners)
