@@ -316,24 +316,45 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
         raise
 
 
-def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.device, folder: RunFolder,
-         console: Any, show: bool) -> TrainResult:
-    run_dir = folder.path
-    main = distributed.is_main()
-    num_classes = method.num_classes
-    total = cfg.train.iters
-    start, best, resume_rng = 0, -1.0, None
-    if folder.resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        if not ckpt.get("resumable", True):
-            raise UserError(f"{run_dir / 'last.pt'} holds no training state; it cannot be resumed")
-        method.load_state_dict(ckpt["method_state"])
-        for spec, st in zip(specs, ckpt["optimizers"]):
-            spec.optimizer.load_state_dict(st)
-        start, best = int(ckpt["step"]), float(ckpt["best_miou"])
-        if (run_dir / "best.pt").is_file():  # written after last.pt at the final validation
-            best = max(best, float(load_checkpoint(run_dir / "best.pt", mmap=True, verify=False).get("best_miou", -1.0)))
-        resume_rng = ckpt["rng"]
+@dataclass
+class Run:
+    """What the steps of one run share: built once by `start_run`, then passed to each step."""
+
+    cfg: Any
+    method: Method
+    specs: list
+    folder: RunFolder
+    device: torch.device
+    console: Any
+    log: MetricLog
+    val_batches: Any
+    settings: InferenceSettings
+    amp: bool
+    main: bool
+    best: float = -1.0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+
+def resume_from_last(method: Method, specs: list, run_dir: Path) -> tuple[int, float, Any]:
+    """(step, best val mIoU, RNG state) of last.pt, loaded into the method and optimizers."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    if not ckpt.get("resumable", True):
+        raise UserError(f"{run_dir / 'last.pt'} holds no training state; it cannot be resumed")
+    method.load_state_dict(ckpt["method_state"])
+    for spec, st in zip(specs, ckpt["optimizers"]):
+        spec.optimizer.load_state_dict(st)
+    best = float(ckpt["best_miou"])
+    if (run_dir / "best.pt").is_file():  # written after last.pt at the final validation
+        best = max(best, float(load_checkpoint(run_dir / "best.pt", mmap=True, verify=False).get("best_miou", -1.0)))
+    return int(ckpt["step"]), best, ckpt["rng"]
+
+
+def wrap_for_ddp(method: Method, cfg: Any, device: torch.device) -> list[nn.Parameter]:
+    """Put the student in DDP under torchrun; returns the trainable parameters outside it
+    (discriminators, ...), whose gradients the loop averages itself."""
     distributed.broadcast_state(method)  # parts outside DDP (teacher, discriminator) start as rank 0's
     if distributed.is_dist():
         if cfg.model.sync_bn and device.type == "cuda":  # SyncBN needs CUDA; CPU ranks share rank 0's stats
@@ -341,66 +362,78 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
         ids = [device.index] if device.type == "cuda" else None
         method.model = nn.parallel.DistributedDataParallel(method.model, device_ids=ids)
     student_ids = {id(p) for p in method.model.parameters()}
-    other_params = [p for p in method.parameters() if p.requires_grad and id(p) not in student_ids]
+    return [p for p in method.parameters() if p.requires_grad and id(p) not in student_ids]
 
+
+def save(run: Run, name: str, step: int, full: bool) -> None:
+    """Write last.pt (`full`, resumable) or best.pt (slim) on rank 0."""
+    if run.main:
+        payload = checkpoint_payload(run.method, run.specs, step, run.best, run.cfg, full=full)
+        save_checkpoint(run.run_dir / name, payload)
+        run.folder.checkpointed = True
+
+
+def save_last(run: Run, step: int) -> None:
+    distributed.broadcast_buffers(run.method)
+    _check_finite(run.method, run.run_dir, step, run.cfg.optim.lr)
+    save(run, "last.pt", step, full=True)
+
+
+def validate(run: Run, step: int) -> dict[str, Any]:
+    """Evaluate the inference model on the val split, log it, keep best.pt; the report."""
+    method = run.method
+    distributed.broadcast_buffers(method)
+    _check_finite(method, run.run_dir, step, run.cfg.optim.lr)
+    with unwrapped(method):
+        m = evaluate(method.inference_model(), run.val_batches, method.num_classes, run.settings, run.device,
+                     run.cfg.data.ignore_index, run.amp)
+    run.log.write({"step": step, "val_mIoU": m.miou, "val_aAcc": m.aacc, "val_mAcc": m.macc})
+    if run.main:
+        run.console.print(f"step {step}: val mIoU {100 * m.miou:.2f}  aAcc {100 * m.aacc:.2f}", highlight=False)
+    if m.miou > run.best:
+        run.best = m.miou
+        save(run, "best.pt", step, full=False)
+    return m.as_dict(method.class_names)
+
+
+def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.device, folder: RunFolder,
+         console: Any, show: bool) -> TrainResult:
+    main = distributed.is_main()
+    total = cfg.train.iters
+    start, best, resume_rng = resume_from_last(method, specs, folder.path) if folder.resume else (0, -1.0, None)
+    other_params = wrap_for_ddp(method, cfg, device)
     if main:
-        write_text(run_dir / "config.toml", config_to_toml(cfg))
-    log = MetricLog(run_dir / "metrics.jsonl", start if folder.resume else None, main)
-    accum = cfg.train.grad_accum
+        write_text(folder.path / "config.toml", config_to_toml(cfg))
     pin = device.type == "cuda"
+    run = Run(
+        cfg, method, specs, folder, device, console,
+        log=MetricLog(folder.path / "metrics.jsonl", start if folder.resume else None, main),
+        val_batches=eval_loader(data.ds_val, cfg.eval.batch_size, cfg.data.workers, pin),
+        settings=InferenceSettings.from_config(cfg), amp=cfg.train.amp and device.type == "cuda", main=main, best=best,
+    )
+    if start >= total:
+        if main:
+            console.print(f"[yellow]{folder.path} already finished {start} of {total} iterations; nothing to train")
+        # A finished run whose final validation failed (after last.pt was written) validates now.
+        last_metrics = None if _validated_at(run.log.path, start) else validate(run, start)
+        return TrainResult(folder.path, start, run.best, last_metrics, method)
+
+    accum = cfg.train.grad_accum
     bl = cfg.data.batch_size
     bu = cfg.data.unlabeled_batch_size or bl
     it_l = infinite_loader(data.ds_l, bl, cfg.data.workers, cfg.train.seed, 0, start * accum, pin)
     it_u = infinite_loader(data.ds_u, bu, cfg.data.workers, cfg.train.seed, 1, start * accum, pin) if data.ds_u else None
-    val_batches = eval_loader(data.ds_val, cfg.eval.batch_size, cfg.data.workers, pin)
-    settings = InferenceSettings.from_config(cfg)
-    amp = cfg.train.amp and device.type == "cuda"
-    lr = cfg.optim.lr
-
-    def save(name: str, step: int, full: bool) -> None:
-        if main:
-            save_checkpoint(run_dir / name, checkpoint_payload(method, specs, step, best, cfg, full=full))
-            folder.checkpointed = True
-
-    def validate(step: int) -> dict[str, Any]:
-        nonlocal best
-        distributed.broadcast_buffers(method)
-        _check_finite(method, run_dir, step, lr)
-        with unwrapped(method):
-            m = evaluate(method.inference_model(), val_batches, num_classes, settings, device, cfg.data.ignore_index, amp)
-        rec = {"step": step, "val_mIoU": m.miou, "val_aAcc": m.aacc, "val_mAcc": m.macc}
-        log.write(rec)
-        if main:
-            console.print(f"step {step}: val mIoU {100 * m.miou:.2f}  aAcc {100 * m.aacc:.2f}", highlight=False)
-        if m.miou > best:
-            best = m.miou
-            save("best.pt", step, full=False)
-        return m.as_dict(method.class_names)
-
-    last_metrics: dict[str, Any] | None = None
-    if start >= total:
-        if main:
-            console.print(f"[yellow]{run_dir} already finished {start} of {total} iterations; nothing to train")
-        if not _validated_at(log.path, start):  # e.g. the final validation failed after last.pt was written
-            last_metrics = validate(start)
-        return TrainResult(run_dir, start, best, last_metrics, method)
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    n_logged = 0
-    t0 = time.perf_counter()
+    meter = StepMeter()
     plain = show and not getattr(console, "is_terminal", False)  # no live bar off a terminal: lines instead
     bar = _progress(console, enabled=show and not plain)
     task = bar.add_task("train", total=total, completed=start, info="")
+    last_metrics: dict[str, Any] | None = None
     method.train()
     if resume_rng is not None:  # last, so that building loaders above draws nothing from it
         set_rng_state(resume_rng)
     with bar:
         for step in range(start, total):
-            losses_sum = _train_step(method, specs, it_l, it_u, device, accum, amp, step, run_dir, lr)
-            for k, (v, c) in losses_sum.items():
-                sums[k] = sums.get(k, 0.0) + v  # type: ignore[operator]
-                counts[k] = counts.get(k, 0) + c
+            meter.add(_train_step(method, specs, it_l, it_u, device, accum, run.amp, step, folder.path, cfg.optim.lr))
             distributed.average_gradients(other_params)
             for spec in specs:
                 if step % spec.every == 0:
@@ -408,42 +441,59 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
                     spec.optimizer.step()
             with unwrapped(method):
                 method.after_optimizer_step(step)
-            n_logged += 1
             done = step + 1
             if done % cfg.train.log_interval == 0 or done == total:
-                # Per-key counts: a method may log a value only on some steps (e.g. when masks exist).
-                rec = {"step": done, **{k: round(float(v) / counts[k], 6) for k, v in sums.items()}}
-                rec["lr"] = specs[0].optimizer.param_groups[0]["lr"]
-                rec["it_per_s"] = round(n_logged / max(time.perf_counter() - t0, 1e-9), 4)
-                rec.update(method.extra_log())
-                log.write(rec)
+                rec = meter.record(done, specs, method)
+                run.log.write(rec)
                 info = f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['it_per_s']:.2f} it/s"
                 bar.update(task, info=info)
                 if plain:
                     console.print(f"step {done}/{total}  {info}", highlight=False)
-                sums, counts, n_logged, t0 = {}, {}, 0, time.perf_counter()
             bar.update(task, completed=done)
-            ckpt_due = done % cfg.train.ckpt_interval == 0 or done == total
             if done == total:
                 # The final checkpoint comes before the final validation: a validation that fails
                 # then costs nothing but a rerun with --resume, which validates again.
-                distributed.broadcast_buffers(method)
-                _check_finite(method, run_dir, done, lr)
-                save("last.pt", done, full=True)
-                last_metrics = validate(done)
+                save_last(run, done)
+                last_metrics = validate(run, done)
                 break
             # Mid-run, validation first: its loader draws from the RNG that last.pt stores, so
             # this order is what makes a resumed run bit-identical to an uninterrupted one.
             if cfg.train.val_interval and done % cfg.train.val_interval == 0:
-                last_metrics = validate(done)
-            if ckpt_due:
-                distributed.broadcast_buffers(method)
-                _check_finite(method, run_dir, done, lr)
-                save("last.pt", done, full=True)
+                last_metrics = validate(run, done)
+            if done % cfg.train.ckpt_interval == 0:
+                save_last(run, done)
                 distributed.barrier()
     distributed.barrier()
     method.model = distributed.unwrap(method.model)
-    return TrainResult(run_dir, max(start, total), best, last_metrics, method)
+    return TrainResult(folder.path, max(start, total), run.best, last_metrics, method)
+
+
+class StepMeter:
+    """Sums of the logged values since the last log record, with per-key counts (a method may
+    log a value on some steps only, e.g. when masks exist), and the iteration rate."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, values: dict[str, tuple[torch.Tensor, int]]) -> None:
+        for k, (v, c) in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + c
+        self.steps += 1
+
+    def record(self, step: int, specs: list, method: Method) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": step, **{k: round(float(v) / self.counts[k], 6) for k, v in self.sums.items()}}
+        rec["lr"] = specs[0].optimizer.param_groups[0]["lr"]
+        rec["it_per_s"] = round(self.steps / max(time.perf_counter() - self.t0, 1e-9), 4)
+        rec.update(method.extra_log())
+        self.reset()
+        return rec
 
 
 def _train_step(method: Method, specs: list, it_l: Any, it_u: Any, device: torch.device, accum: int, amp: bool,
