@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from semiseg_cli.errors import UserError
 
@@ -203,6 +203,35 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunConfig)
 # ----------------------------------------------------------------------------- presets
 
 
+SHARED_TOKENS = ("${SEMISEG_SHARED}", "$SEMISEG_SHARED")
+
+
+def shared_dir() -> Path:
+    """The project's shared data folder: $SEMISEG_SHARED, else `shared/` beside the repository.
+
+    Presets name shared files as `$SEMISEG_SHARED/data/camvid`, so they work from any current
+    folder (a path relative to the current folder would not), and a user with the data elsewhere
+    sets one variable."""
+    env = os.environ.get("SEMISEG_SHARED")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared"
+
+
+def expand_shared(value: Any) -> Any:
+    """`$SEMISEG_SHARED` (or `${SEMISEG_SHARED}`) replaced by `shared_dir()` in every string of a
+    raw config, nested sections included."""
+    if isinstance(value, dict):
+        return {k: expand_shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_shared(v) for v in value]
+    if isinstance(value, str):
+        for token in SHARED_TOKENS:
+            if token in value:
+                value = value.replace(token, str(shared_dir()))
+    return value
+
+
 def presets_dir() -> Path:
     env = os.environ.get("SEMISEG_PRESETS")
     if env:
@@ -368,7 +397,7 @@ def build_config(
         apply_override(raw, ov)
     for key, value in (values or {}).items():
         set_value(raw, key, value)
-    return validate(raw, source + (" with overrides" if overrides or values else ""))
+    return validate(expand_shared(raw), source + (" with overrides" if overrides or values else ""))
 
 
 def config_to_toml(cfg: Any) -> str:

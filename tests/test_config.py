@@ -79,3 +79,20 @@ def test_invalid_toml_is_a_one_line_error(tmp_path: Path) -> None:
     p.write_text("[train\niters = 3\n")
     with pytest.raises(UserError, match="not valid TOML"):
         build_config(str(p))
+
+
+def test_presets_name_shared_files_through_semiseg_shared(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A preset that names `$SEMISEG_SHARED/...` works from any folder: the token becomes the
+    shared folder beside the repository, or the environment variable when it is set."""
+    from semiseg_cli.config import shared_dir
+
+    monkeypatch.delenv("SEMISEG_SHARED", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config("supervised_mbv2-os16_1x4-300it_camvid-176x224")
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(cfg.data.root) == repo.parent / "shared" / "data" / "camvid" == shared_dir() / "data" / "camvid"
+    assert cfg.model.pretrained == str(repo.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth")
+    monkeypatch.setenv("SEMISEG_SHARED", str(tmp_path / "elsewhere"))
+    cfg = build_config("u2pl_mbv2-os16_1x4+4-1200it_camvid-176x224", ['data.root="${SEMISEG_SHARED}/cv"'])
+    assert cfg.data.root == str(tmp_path / "elsewhere" / "cv")
+    assert cfg.model.pretrained.startswith(str(tmp_path / "elsewhere"))
