@@ -1,5 +1,6 @@
 """Datasets, splits, paired transforms and the synthetic demo set."""
 
+from semiseg_cli.data.checks import DatasetProblems
 from semiseg_cli.data.datasets import SegDataset, build_dataset, derive_tags, load_tags
 from semiseg_cli.data.layouts import (
     IGNORE,
@@ -12,7 +13,6 @@ from semiseg_cli.data.layouts import (
 )
 from semiseg_cli.data.demo import generate_demo
 from semiseg_cli.data.splits import (
-    DatasetProblems,
     amount_dirname,
     draw_split,
     parse_amounts,

@@ -15,8 +15,23 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from semiseg_cli.data.layouts import IGNORE, Layout, Pair
-from semiseg_cli.data.splits import DatasetProblems
 from semiseg_cli.errors import UserError, warn
+
+
+SHOWN_PROBLEMS = 3
+
+
+class DatasetProblems(UserError):
+    """The pool has bad files. The message is one line; `.problems` holds every line for the CLI."""
+
+    shown = SHOWN_PROBLEMS
+
+    def __init__(self, problems: list[str], where: str) -> None:
+        self.problems = list(problems)
+        n = len(problems)
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        more = f"; and {n - SHOWN_PROBLEMS} more" if n > SHOWN_PROBLEMS else ""
+        super().__init__(f"{n} problem{'s' if n != 1 else ''} in {where}: {shown}{more}; fix them and run again")
 
 
 @dataclass

@@ -13,25 +13,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
+from semiseg_cli.data.checks import DatasetProblems, check_mask_content
 from semiseg_cli.data.layouts import Layout, get_layout
 from semiseg_cli.errors import UserError, flush_warnings, warn
 from semiseg_cli.io import check_output_dir, read_text, write_text
 
 Pair = tuple[str, "str | None"]
-SHOWN_PROBLEMS = 3
-
-
-class DatasetProblems(UserError):
-    """The pool has bad files. The message is one line; `.problems` holds every line for the CLI."""
-
-    shown = SHOWN_PROBLEMS
-
-    def __init__(self, problems: list[str], where: str) -> None:
-        self.problems = list(problems)
-        n = len(problems)
-        shown = "; ".join(problems[:SHOWN_PROBLEMS])
-        more = f"; and {n - SHOWN_PROBLEMS} more" if n > SHOWN_PROBLEMS else ""
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} in {where}: {shown}{more}; fix them and run again")
 
 
 # --------------------------------------------------------------------------------- amounts
@@ -214,8 +201,6 @@ def prepare_splits(
     change (without `overwrite`). One amount writes into `out_dir`; several into
     `out_dir/<amount_dirname>/`.
     """
-    from semiseg_cli.data.checks import check_mask_content
-
     amounts = parse_amounts(",".join(amounts))
     check_output_dir(out_dir, "--out")
     layout = get_layout(dataset, root)

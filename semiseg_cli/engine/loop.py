@@ -24,11 +24,12 @@ from torch import nn
 from semiseg_cli.config import config_to_toml
 from semiseg_cli.engine import distributed
 from semiseg_cli.engine.device import resolve_device
+from semiseg_cli.engine.setup import check_run_config, check_run_dir
 from semiseg_cli.engine.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from semiseg_cli.engine.loaders import eval_loader, infinite_loader, to_device
 from semiseg_cli.errors import UserError, flush_warnings
 from semiseg_cli.inference import InferenceSettings, evaluate
-from semiseg_cli.io import check_output_dir, clean_stale_temps, write_text
+from semiseg_cli.io import clean_stale_temps, write_text
 from semiseg_cli.methods import Method, get_method
 from semiseg_cli.methods.base import TrainContext
 
@@ -82,23 +83,6 @@ def _hide_masks(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- run folder
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run-folder request that cannot go ahead; touches nothing."""
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass one of them")
-    check_output_dir(run_dir, "run folder")
-    last = run_dir / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise UserError(
-                f"nothing to resume: {last} does not exist (the run stopped before its first checkpoint); "
-                "start it again with --overwrite instead of --resume"
-            )
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"run folder {run_dir} is not empty; pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.toml")
@@ -276,8 +260,6 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     Order: every check that needs no data (config rules, the run folder), then every data file,
     then the method (its schedule checks), and only then the run folder is written."""
     from rich.console import Console
-
-    from semiseg_cli.engine.setup import check_run_config
 
     console = console or Console(stderr=True, soft_wrap=True)
     device = resolve_device(cfg.train.device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from semiseg_cli.errors import UserError
+from semiseg_cli.io import check_output_dir
 
 
 def default_out(cfg: Any) -> str:
@@ -59,10 +60,26 @@ def dataset_classes(cfg: Any) -> int | None:
 
 def check_run_config(cfg: Any, resume: bool = False, overwrite: bool = False, num_classes: int | None = None) -> None:
     """Every rule a run must pass that needs no pass over the data. Writes nothing."""
-    from semiseg_cli.engine.loop import check_run_dir
     from semiseg_cli.methods import get_method
 
     if num_classes is None:
         num_classes = dataset_classes(cfg)
     get_method(cfg.method).check_config(cfg, num_classes)
     check_run_dir(Path(cfg.out), resume, overwrite)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run-folder request that cannot go ahead; touches nothing."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    check_output_dir(run_dir, "run folder")
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise UserError(
+                f"nothing to resume: {last} does not exist (the run stopped before its first checkpoint); "
+                "start it again with --overwrite instead of --resume"
+            )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"run folder {run_dir} is not empty; pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
