@@ -145,12 +145,8 @@ def train_cmd(
         return
     from semiseg_cli.engine.loop import train
 
-    from semiseg_cli.engine import distributed
-
     result = train(cfg, resume=resume, overwrite=overwrite, console=err_console)
-    main = distributed.is_main()
-    distributed.cleanup()
-    if not main:  # under torchrun, rank 0 reports
+    if not result.main:  # under torchrun, rank 0 reports
         return
     out_console.print(f"run folder: {result.run_dir}  best val mIoU: {100 * result.best_miou:.2f}")
     if result.last_metrics:

@@ -45,6 +45,7 @@ class TrainResult:
     best_miou: float
     last_metrics: dict[str, Any] | None
     method: Any = None  # the trained method, unwrapped (for scripts and tests)
+    main: bool = True  # rank 0 (or no torchrun): the process that reports
 
 
 def seed_everything(seed: int) -> None:
@@ -292,10 +293,14 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     flush_warnings()  # every check passed: the questionable inputs are worth reading now
     distributed.barrier()
     try:
-        return _run(cfg, method, specs, data, device, folder, console, progress and main)
+        result = _run(cfg, method, specs, data, device, folder, console, progress and main)
     except BaseException:
         folder.discard_failed_start()
         raise
+    finally:
+        distributed.cleanup()  # under torchrun: the process group ends with the run
+    result.main = main
+    return result
 
 
 @dataclass
