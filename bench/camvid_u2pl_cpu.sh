@@ -10,8 +10,10 @@
 # SEED (default 0) sets train.seed for every run (the split stays the seed-0 one); a seed other
 # than 0 gets its own folders and JSON, suffixed _s$SEED.
 # Every final model is also evaluated on the 233 test images, held out from every choice made here.
-# Results: runs/camvid-cpu-$ITERS[-s$SEED]/<label>/eval{,_test}.json,
-# bench/results/camvid_u2pl_cpu_$ITERS[_s$SEED]{,_test}.json.
+# TAG (default none) names a re-measurement apart from the recorded one: runs/...-$TAG and
+# bench/results/..._$TAG{,_test}.json.
+# Results: runs/camvid-cpu-$ITERS[-s$SEED][-$TAG]/<label>/eval{,_test}.json,
+# bench/results/camvid_u2pl_cpu_$ITERS[_s$SEED][_$TAG]{,_test}.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,7 +23,8 @@ ROOT=${CAMVID_ROOT:-../shared/data/camvid}
 SEED=${SEED:-0}
 WARM=$(( 60 * ITERS / 300 ))
 SUFFIX=; [ "$SEED" = 0 ] || SUFFIX=_s$SEED
-OUT=runs/camvid-cpu-$ITERS${SUFFIX/_/-}
+[ -z "${TAG:-}" ] || SUFFIX=${SUFFIX}_$TAG
+OUT=runs/camvid-cpu-$ITERS${SUFFIX//_/-}
 SUP=supervised_mbv2-os16_1x4-300it_camvid-176x224
 U2=u2pl_mbv2-os16_1x4+4-300it_camvid-176x224
 mkdir -p "$OUT" bench/results
