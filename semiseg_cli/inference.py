@@ -25,6 +25,9 @@ class InferenceSettings:
     stride: tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    # For resizing logits back to the input size; the network's own `model.align_corners`, so
+    # multi-scale evaluation resizes as the network does.
+    align_corners: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "InferenceSettings":
@@ -35,6 +38,7 @@ class InferenceSettings:
             stride=tuple(e.stride) if e.stride else None,  # type: ignore[arg-type]
             scales=tuple(e.scales),
             flip=e.flip,
+            align_corners=cfg.model.align_corners,
         )
         for k, v in overrides.items():
             if v is not None:
@@ -92,7 +96,7 @@ def predict_probs(model: nn.Module, x: torch.Tensor, settings: InferenceSettings
             if flip:
                 logit = logit.flip(-1)
             if logit.shape[2:] != (h, w):
-                logit = F.interpolate(logit, size=(h, w), mode="bilinear", align_corners=False)
+                logit = F.interpolate(logit, size=(h, w), mode="bilinear", align_corners=settings.align_corners)
             p = logit.softmax(1)
             total = p if total is None else total + p
             n += 1

@@ -201,7 +201,7 @@ def run_step(m: AdvSemiSeg, step: int, has_mask: bool = False) -> dict[str, torc
 def test_one_step_trains_both_networks(method: AdvSemiSeg) -> None:
     method.train()
     losses = run_step(method, step=0, has_mask=True)
-    for key in ("loss", "loss_ce", "loss_adv", "loss_semi_adv", "loss_semi", "loss_d", "d_acc_real", "d_acc_fake"):
+    for key in ("loss", "loss_sup", "loss_adv", "loss_semi_adv", "loss_semi", "loss_d", "d_acc_real", "d_acc_fake"):
         assert torch.isfinite(losses[key]), key
     for key in ("semi_ratio", "semi_acc", "pl_acc_all"):
         assert 0.0 <= losses[key].item() <= 1.0, key
@@ -240,19 +240,88 @@ def test_g_gets_no_gradient_from_d_loss(method: AdvSemiSeg) -> None:
 
 
 def test_semi_terms_start_on_schedule(method: AdvSemiSeg) -> None:
+    # The unlabeled adversarial term runs from step 0 (paper and code); self-training from semi_start.
     method.cfg.advsemiseg.semi_start = 10
-    method.cfg.advsemiseg.semi_start_adv = 5
     try:
         labeled, unlabeled = make_batches()
         with torch.no_grad():
-            early = method.training_step(labeled, unlabeled, 4)
-            mid = method.training_step(labeled, unlabeled, 5)
+            early = method.training_step(labeled, unlabeled, 0)
+            before = method.training_step(labeled, unlabeled, 9)
+            on = method.training_step(labeled, unlabeled, 10)
     finally:
         method.cfg.advsemiseg.semi_start = 0
-        method.cfg.advsemiseg.semi_start_adv = 0
-    assert early["loss_semi"].item() == 0 and early["loss_semi_adv"].item() == 0
-    assert mid["loss_semi"].item() == 0 and mid["loss_semi_adv"].item() > 0
+    assert early["loss_semi_adv"].item() > 0 and early["loss_semi"].item() == 0
+    assert before["loss_semi"].item() == 0 and on["loss_semi"].item() > 0
     assert "semi_ratio" in early and "semi_acc" not in early  # no ground truth on these
+
+
+def test_supervised_term_is_the_shared_sup_losses_on_the_labeled_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Value: `loss_sup`/`loss_aux` equal `sup_losses` of the labeled rows of one forward over
+    labeled + unlabeled (eval mode, so both forwards agree). Call: the shared function is what
+    the step uses, on the labeled half only."""
+    from semiseg_cli.methods import advsemiseg as mod
+    from semiseg_cli.methods.supervised import sup_losses
+
+    cfg = build_config(
+        None,
+        ["model.backbone=resnet18", "model.aux_head=true", "model.aspp_channels=32", "model.decoder_channels=32",
+         "data.crop_size=[64, 64]", "train.loss=\"ohem\"", "train.ohem_min_kept=1000"],
+        method="advsemiseg",
+    )
+    torch.manual_seed(0)
+    m = AdvSemiSeg(cfg, C, ["a", "b", "c"]).eval()
+    labeled, unlabeled = make_batches()
+    calls: list[tuple[int, tuple[str, ...]]] = []
+
+    def spy(cfg_: object, out: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append((out["logits"].shape[0], tuple(sorted(out))))
+        return sup_losses(cfg_, out, mask)
+
+    monkeypatch.setattr(mod, "sup_losses", spy)
+    with torch.no_grad():
+        losses = m.training_step(labeled, unlabeled, 0)
+        out = m.model(torch.cat([labeled["image"], unlabeled["image"]]))
+    assert calls == [(2, ("aux", "logits"))]
+    want = sup_losses(cfg, {"logits": out["logits"][:2], "aux": out["aux"][:2]}, labeled["mask"])
+    assert torch.allclose(losses["loss_sup"], want["loss_sup"], rtol=1e-6, atol=0)
+    assert torch.allclose(losses["loss_aux"], want["loss_aux"], rtol=1e-6, atol=0)
+    # The aux term enters G's loss with train.aux_weight, as in every other method.
+    assert cfg.train.aux_weight == pytest.approx(0.4)
+
+
+def test_frozen_bn_stays_frozen_through_method_train() -> None:
+    """model.freeze_bn = "all" (caffe DeepLab-v2): the loop's `method.train()` must leave the
+    backbone's BN in eval mode, a training step must not move its statistics, and its affine
+    parameters get no gradient and are not in G's optimizer."""
+    cfg = build_config(
+        None,
+        ["model.arch=deeplabv2", "model.backbone=resnet18", "model.freeze_bn=\"all\"", "data.crop_size=[64, 64]",
+         "advsemiseg.semi_start=0"],
+        method="advsemiseg",
+    )
+    torch.manual_seed(0)
+    m = AdvSemiSeg(cfg, C, ["a", "b", "c"])
+    m.train()
+    bns = [x for x in m.model.backbone.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(not b.training for b in bns) and m.discriminator.training
+    stats = [t.clone() for b in bns for t in (b.running_mean, b.running_var)]
+    bn_params = {id(p) for b in bns for p in b.parameters()}
+    specs = m.configure_optimizers(10)
+    assert not bn_params & {id(p) for g in specs[0].optimizer.param_groups for p in g["params"]}
+    losses = run_step(m, step=0)
+    assert torch.isfinite(losses["loss"])
+    assert all(p.grad is None for b in bns for p in b.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(stats, [t for b in bns for t in (b.running_mean, b.running_var)]))
+
+
+def test_removed_options_load_at_their_fixed_values_only() -> None:
+    # Run folders and checkpoints written before the simplification still load...
+    cfg = make_cfg(semi_start_adv=0, d_channels=64, d_betas="[0.9, 0.99]")
+    assert not hasattr(cfg.advsemiseg, "semi_start_adv")
+    # ... but a value the code no longer has is refused, naming the key.
+    for key, value in (("semi_start_adv", 5), ("d_channels", 32), ("d_betas", "[0.5, 0.9]")):
+        with pytest.raises(UserError, match=f"advsemiseg.{key}"):
+            make_cfg(**{key: value})
 
 
 def test_optimizers_and_state_round_trip(method: AdvSemiSeg) -> None:
@@ -305,7 +374,7 @@ def test_trains_end_to_end_and_resumes(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss_d" in r]
     assert len(steps) == 2
-    for key in ("loss_ce", "loss_adv", "loss_semi_adv", "loss_semi", "loss_d", "d_acc_real", "d_acc_fake", "semi_ratio"):
+    for key in ("loss_sup", "loss_adv", "loss_semi_adv", "loss_semi", "loss_d", "d_acc_real", "d_acc_fake", "semi_ratio"):
         assert all(math.isfinite(r[key]) for r in steps), key
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert any(k.startswith("discriminator.") for k in ckpt["method_state"])
@@ -314,3 +383,11 @@ def test_trains_end_to_end_and_resumes(tmp_path: Path) -> None:
     cfg3 = harness_cfg("advsemiseg", root=str(root), out=str(out), overrides=["data.labeled=\"1/2\"", "train.iters=3"])
     result = train(cfg3, resume=True, progress=False)
     assert result.step == 3
+
+
+def test_discriminator_map_is_resized_with_model_align_corners() -> None:
+    """The official code resizes D's map with the same (align_corners=True) resize as the logits."""
+    for flag in (False, True):
+        cfg = build_config(None, ["model.backbone=resnet18", f"model.align_corners={str(flag).lower()}"], method="advsemiseg")
+        m = AdvSemiSeg(cfg, C, ["a", "b", "c"])
+        assert m.discriminator.align_corners is flag and m.model.align_corners is flag

@@ -203,6 +203,13 @@ class TestV2ResNet18TwoBranches(BaseModelTest):
     cfg = {"arch": "deeplabv2", "backbone": "resnet18", "v2_branches": 2}
 
 
+class TestV2ResNet18FrozenBNAlignCorners(BaseModelTest):
+    """AdvSemiSeg-style options: the shared checks still hold (every trainable parameter gets a
+    gradient; the frozen BN ones are not trainable)."""
+
+    cfg = {"arch": "deeplabv2", "backbone": "resnet18", "aux_head": True, "freeze_bn": "all", "align_corners": True}
+
+
 # ----------------------------------------------------------------------------- structure
 
 
@@ -397,3 +404,192 @@ def test_the_representation_head_does_not_change_the_init_of_the_rest() -> None:
     assert any(k.startswith("rep.") for k in with_rep) and not any(k.startswith("rep.") for k in plain)
     for k, v in plain.items():
         assert torch.equal(v, with_rep[k]), k
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+# sha256 of the state dict (names and bytes, in order) of models built with torch.manual_seed(0)
+# and 5 classes, recorded before the deep stem and the DeepLab heads shared one initialiser
+# (`init_conv_bn`). RNG streams may change between torch releases, so other versions skip.
+_INIT_VERSIONS = ("2.14.1", "0.29.1")
+_INIT_HASHES = {
+    "v3p_r18_os16_rep_aux": (
+        dict(backbone="resnet18", output_stride=16, rep_head=True, aux_head=True, aspp_channels=32, decoder_channels=32, rep_dim=16),
+        "8a522d241f0234fdb2e2093a14c37e2a753a9c578f9e3b02a5495b3a7ac60b68",
+    ),
+    "v3p_r18_os8_deepstem": (
+        dict(backbone="resnet18", output_stride=8, deep_stem=True, aspp_channels=32, decoder_channels=32),
+        "5eac22fb75e15135f6879e2bc90a81a714b2ee7c5fd8deb97b11f511420470b3",
+    ),
+    "v3p_mbv2_os16_rep": (
+        dict(backbone="mobilenet_v2", output_stride=16, rep_head=True, aux_head=True, aspp_channels=32, decoder_channels=32, rep_dim=16),
+        "1d307371705d4ff77c268ab8f94097ebf918a29ad56116997720b05693e8040e",
+    ),
+    "v3p_mbv2_os8_u2pl": (
+        dict(backbone="mobilenet_v2", output_stride=8, low_proj_channels=64, aspp_project_kernel=3, aspp_channels=32, decoder_channels=32),
+        "22abe0fa15a8db40e337c09789e50b95f411987742543f88d65aabc49150729f",
+    ),
+    "v2_r18_aux": (dict(arch="deeplabv2", backbone="resnet18", aux_head=True), "58ce3b7ff694afce65212e8fb7c4a7b03922b8a9fac0cdad3356b3d15b1e5b36"),
+    "v2_r18_2br": (dict(arch="deeplabv2", backbone="resnet18", v2_branches=2), "75662768d6e1ca55159c4ceda7572b41855f746c732593d430ecb0bfdff4803f"),
+}
+
+
+def _state_hash(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("case", sorted(_INIT_HASHES))
+def test_same_seed_gives_the_recorded_initial_weights(case: str) -> None:
+    import torchvision
+
+    versions = (torch.__version__.split("+")[0], torchvision.__version__.split("+")[0])
+    if versions != _INIT_VERSIONS:
+        pytest.skip(f"hashes recorded with torch/torchvision {_INIT_VERSIONS}, running {versions}")
+    kw, expected = _INIT_HASHES[case]
+    torch.manual_seed(0)
+    assert _state_hash(build_model(ModelConfig(**kw), 5)) == expected
+    # Freezing BN and align_corners change no weight.
+    torch.manual_seed(0)
+    assert _state_hash(build_model(ModelConfig(**kw, freeze_bn="all", align_corners=True), 5)) == expected
+
+
+# ----------------------------------------------------------------------------- align_corners
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3plus", "deeplabv2"])
+def test_align_corners_reaches_the_logits_resize(arch: str) -> None:
+    kw: dict[str, Any] = dict(arch=arch, backbone="resnet18", aux_head=True, aspp_channels=32, decoder_channels=32)
+    torch.manual_seed(0)
+    off = build_model(ModelConfig(**kw), NUM_CLASSES).eval()
+    on = build_model(ModelConfig(**kw, align_corners=True), NUM_CLASSES).eval()
+    on.load_state_dict(off.state_dict())
+    assert on.align_corners and not off.align_corners
+    x = torch.randn(1, 3, 65, 90)
+    with torch.no_grad():
+        a, b = off(x), on(x)
+    for key in ("logits", "aux"):
+        assert a[key].shape == b[key].shape == (1, NUM_CLASSES, 65, 90)
+        assert not torch.allclose(a[key], b[key]), key
+    assert torch.equal(a["feat"], b["feat"])  # the backbone does not resize
+
+
+def test_align_corners_reaches_the_discriminator_resize() -> None:
+    torch.manual_seed(0)
+    off = FCDiscriminator(NUM_CLASSES, ndf=8)
+    on = FCDiscriminator(NUM_CLASSES, ndf=8, align_corners=True)
+    on.load_state_dict(off.state_dict())
+    prob = torch.softmax(torch.randn(1, NUM_CLASSES, 70, 90), 1)
+    with torch.no_grad():
+        a, b = off(prob), on(prob)
+    assert a.shape == b.shape == (1, 1, 70, 90) and not torch.allclose(a, b)
+
+
+def test_inference_resizes_logits_with_the_models_align_corners() -> None:
+    from semiseg_cli.config import build_config
+    from semiseg_cli.inference import InferenceSettings, predict_probs
+
+    cfg = build_config(None, ["model.align_corners=true"])
+    assert InferenceSettings.from_config(cfg).align_corners is True
+    assert InferenceSettings.from_config(build_config(None, [])).align_corners is False
+
+    class Coarse(nn.Module):
+        """Returns logits at a quarter of the input size, so predict_probs must resize them."""
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            torch.manual_seed(0)
+            return {"logits": torch.randn(x.shape[0], NUM_CLASSES, x.shape[2] // 4, x.shape[3] // 4)}
+
+    x = torch.zeros(1, 3, 64, 88)
+    a = predict_probs(Coarse(), x, InferenceSettings(align_corners=False))
+    b = predict_probs(Coarse(), x, InferenceSettings(align_corners=True))
+    assert a.shape == b.shape == (1, NUM_CLASSES, 64, 88) and not torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- frozen BN
+
+
+def _backbone_bns(model: SegModel) -> list[nn.Module]:
+    return [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _head_bns(model: SegModel) -> list[nn.Module]:
+    bb = {id(m) for m in model.backbone.modules()}
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in bb]
+
+
+def _running(mods: list[nn.Module]) -> list[torch.Tensor]:
+    return [t.clone() for m in mods for t in (m.running_mean, m.running_var)]
+
+
+def _frozen_model(mode: str) -> SegModel:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="resnet18", aux_head=True, aspp_channels=32, decoder_channels=32, freeze_bn=mode), NUM_CLASSES)
+
+
+def test_freeze_bn_all_keeps_statistics_and_affine_through_train() -> None:
+    from semiseg_cli.methods.base import build_optimizer
+    from semiseg_cli.config import OptimConfig
+
+    model = _frozen_model("all")
+    model.train()  # what the loop's method.train() does: must not unfreeze
+    bns, heads = _backbone_bns(model), _head_bns(model)
+    assert bns and heads
+    assert all(not m.training for m in bns) and all(m.training for m in heads)
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+    assert all(p.requires_grad for m in heads for p in m.parameters())
+    before, affine = _running(bns), [p.clone() for m in bns for p in m.parameters()]
+    head_before = _running(heads)
+
+    spec = build_optimizer(model, OptimConfig(lr=0.1), 10)
+    in_opt = {id(p) for g in spec.optimizer.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for m in bns for p in m.parameters()}
+    out = model(torch.randn(2, 3, 64, 64) * 3 + 1)
+    sum(v.float().mean() for k, v in out.items() if k != "feat").backward()
+    assert all(p.grad is None for m in bns for p in m.parameters())
+    spec.optimizer.step()
+
+    assert all(torch.equal(a, b) for a, b in zip(before, _running(bns)))
+    assert all(torch.equal(a, b) for a, b in zip(affine, [p for m in bns for p in m.parameters()]))
+    assert not all(torch.equal(a, b) for a, b in zip(head_before, _running(heads)))  # heads' BN still trains
+    # predict() restores train mode, and the frozen BN with it.
+    model.predict(torch.randn(1, 3, 64, 64))
+    assert model.training and all(not m.training for m in bns)
+
+
+def test_freeze_bn_affine_tracks_statistics_as_the_official_code() -> None:
+    model = _frozen_model("affine")
+    model.train()
+    bns = _backbone_bns(model)
+    assert all(m.training for m in bns)
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+    before = _running(bns)
+    out = model(torch.randn(2, 3, 64, 64))
+    out["logits"].mean().backward()
+    assert all(p.grad is None for m in bns for p in m.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, _running(bns)))
+
+
+def test_freeze_bn_survives_syncbn_conversion() -> None:
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(_frozen_model("all"))
+    model.train()
+    bns = _backbone_bns(model)  # type: ignore[arg-type]
+    assert bns and all(isinstance(m, nn.SyncBatchNorm) and not m.training for m in bns)
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+    before = _running(bns)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(a, b) for a, b in zip(before, _running(bns)))
+
+
+def test_freeze_bn_none_is_the_default_and_trains_everything() -> None:
+    model = _frozen_model("none")
+    model.train()
+    assert ModelConfig().freeze_bn == "none" and ModelConfig().align_corners is False
+    assert all(m.training and all(p.requires_grad for p in m.parameters()) for m in _backbone_bns(model))

@@ -3,14 +3,15 @@ segmentation.
 
 The discriminator D looks at a C-channel class-probability map and says, per pixel, whether it
 came from the ground truth (one-hot, "real") or from the segmentation network (softmax, "fake").
-The segmentation network G gets three signals besides cross-entropy:
+The segmentation network G is trained with
 
-- labeled:   lambda_adv      * BCE(D(softmax(pred_l)), real)   on non-ignore pixels
-- unlabeled: lambda_semi_adv * BCE(D(softmax(pred_u)), real)   (from `semi_start_adv`)
-- unlabeled: lambda_semi     * CE(pred_u, argmax pred_u) on pixels where sigmoid(D) >= T_semi
-  (from `semi_start`): D's confidence map picks the pixels worth self-training on.
+- labeled:   CE(pred_l, y) (+ aux, the shared `sup_losses`)
+             + lambda_adv * BCE(D(softmax(pred_l)), real)   on non-ignore pixels
+- unlabeled: lambda_semi_adv * BCE(D(softmax(pred_u)), real)
+             + lambda_semi * CE(pred_u, argmax pred_u) on pixels where sigmoid(D) >= T_semi
+               (from `semi_start`): D's confidence map picks the pixels worth self-training on,
 
-D is trained on detached predictions (fake, 0) and one-hot labels (real, 1), each term halved.
+and D with 0.5 * BCE(D(fake), 0) + 0.5 * BCE(D(one-hot y), 1) on detached predictions.
 
 One backward per step. The G adversarial terms are computed with D's parameters temporarily
 frozen (`requires_grad_(False)`), so they only send gradients into G; the D loss is computed on
@@ -37,14 +38,17 @@ from torch import nn
 
 from semiseg_cli.engine import distributed
 from semiseg_cli.errors import UserError, warn
-from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer, poly_lambda, supervised_loss
+from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer, poly_lambda
+from semiseg_cli.methods.supervised import sup_losses
 
 # The discriminator has five 4x4 stride-2 convs: each side shrinks by 32; smaller inputs give an
 # empty map.
 _D_MIN_SIDE = 32
+# D's Adam betas (paper and official code).
+_D_BETAS = (0.9, 0.99)
 
 
-# ----------------------------------------------------------------------------- pure losses
+# ----------------------------------------------------------------------------- the losses, in the paper's order
 
 
 def masked_bce_with_logits(logits: torch.Tensor, target: float, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,41 +67,9 @@ def masked_bce_with_logits(logits: torch.Tensor, target: float, valid: torch.Ten
     return (pixel * w).sum() / n.clamp(min=1.0)
 
 
-def one_hot_labels(mask: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """(B,H,W) labels -> (B,C,H,W) plain 0/1 maps; ignore pixels are all zeros.
-
-    All-zero is just what the one-hot of "no class" looks like; it is NOT how ignore pixels are
-    kept out of D's loss (that is the per-pixel mask of `discriminator_loss`). Labels outside
-    [0, C) other than `ignore_index` raise a UserError, since they would silently become all-zero too.
-    """
-    valid = mask != ignore_index
-    if bool(((mask[valid] < 0) | (mask[valid] >= num_classes)).any()):
-        bad = mask[valid & ((mask < 0) | (mask >= num_classes))][0].item()
-        raise UserError(
-            f"mask label {bad} is outside [0, {num_classes}) and is not the ignore index {ignore_index}; "
-            "check the dataset's class list or data.ignore_index"
-        )
-    safe = torch.where(valid, mask, torch.zeros_like(mask))
-    onehot = F.one_hot(safe.long(), num_classes).permute(0, 3, 1, 2).float()
-    return onehot * valid.unsqueeze(1).float()
-
-
 def adversarial_loss(d_logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """G's adversarial term: make D call the prediction real (label 1) on `valid` pixels."""
     return masked_bce_with_logits(d_logits, 1.0, valid)
-
-
-def discriminator_loss(
-    d_fake: torch.Tensor,
-    d_real: torch.Tensor,
-    valid_fake: torch.Tensor | None = None,
-    valid_real: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """D's loss: 0.5 * BCE(D(fake), 0) + 0.5 * BCE(D(real), 1), each a masked per-pixel mean.
-
-    `d_fake` must come from detached predictions, or this loss trains G to look fake.
-    """
-    return 0.5 * masked_bce_with_logits(d_fake, 0.0, valid_fake) + 0.5 * masked_bce_with_logits(d_real, 1.0, valid_real)
 
 
 def semi_pseudo_labels(
@@ -126,6 +98,179 @@ def semi_loss(logits_u: torch.Tensor, target: torch.Tensor, ignore_index: int = 
     return F.cross_entropy(logits_u.float(), target, ignore_index=ignore_index)
 
 
+def one_hot_labels(mask: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """(B,H,W) labels -> (B,C,H,W) plain 0/1 maps; ignore pixels are all zeros.
+
+    All-zero is just what the one-hot of "no class" looks like; it is NOT how ignore pixels are
+    kept out of D's loss (that is the per-pixel mask of `discriminator_loss`). Labels outside
+    [0, C) other than `ignore_index` raise a UserError, since they would silently become all-zero too.
+    """
+    valid = mask != ignore_index
+    if bool(((mask[valid] < 0) | (mask[valid] >= num_classes)).any()):
+        bad = mask[valid & ((mask < 0) | (mask >= num_classes))][0].item()
+        raise UserError(
+            f"mask label {bad} is outside [0, {num_classes}) and is not the ignore index {ignore_index}; "
+            "check the dataset's class list or data.ignore_index"
+        )
+    safe = torch.where(valid, mask, torch.zeros_like(mask))
+    onehot = F.one_hot(safe.long(), num_classes).permute(0, 3, 1, 2).float()
+    return onehot * valid.unsqueeze(1).float()
+
+
+def discriminator_loss(
+    d_fake: torch.Tensor,
+    d_real: torch.Tensor,
+    valid_fake: torch.Tensor | None = None,
+    valid_real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D's loss: 0.5 * BCE(D(fake), 0) + 0.5 * BCE(D(real), 1), each a masked per-pixel mean.
+
+    `d_fake` must come from detached predictions, or this loss trains G to look fake.
+    """
+    return 0.5 * masked_bce_with_logits(d_fake, 0.0, valid_fake) + 0.5 * masked_bce_with_logits(d_real, 1.0, valid_real)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop a module's parameters from requiring grad (restoring each flag after).
+
+    A graph built inside still propagates gradients through the module to its inputs; only the
+    module's own parameters get none. Flags are restored even if the body raises.
+    """
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+class AdvSemiSeg(Method):
+    name = "advsemiseg"
+    uses_unlabeled = True
+
+    def __init__(self, cfg: Any, num_classes: int, class_names: list[str]) -> None:
+        super().__init__(cfg, num_classes, class_names)
+        from semiseg_cli.models.discriminator import FCDiscriminator
+
+        # D's map is resized to the input like the logits (the official code uses one resize).
+        self.discriminator = FCDiscriminator(num_classes, align_corners=cfg.model.align_corners)
+        self.monitor = DAccuracyMonitor(cfg.advsemiseg.warn_window)
+
+    @classmethod
+    def check_config(cls, cfg: Any, num_classes: int | None) -> None:
+        h, w = cfg.data.crop_size
+        if min(h, w) < _D_MIN_SIDE:
+            raise UserError(
+                f"data.crop_size {h}x{w} is too small for the AdvSemiSeg discriminator (five stride-2 convs); "
+                f"use crops of at least {_D_MIN_SIDE}x{_D_MIN_SIDE}"
+            )
+        if num_classes is not None and num_classes < 2:
+            raise UserError(f"AdvSemiSeg needs at least 2 classes, the dataset has {num_classes}")
+        p = cfg.advsemiseg
+        if p.semi_start >= cfg.train.iters and p.lambda_semi > 0:
+            warn(
+                f"advsemiseg.semi_start ({p.semi_start}) is not below train.iters ({cfg.train.iters}): the "
+                "confidence-masked self-training never starts; lower advsemiseg.semi_start to use it"
+            )
+
+    def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
+        p = self.cfg.advsemiseg
+        g = build_optimizer(self.model, self.cfg.optim, total_iters)
+        g.every = p.g_update_every
+        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p.d_lr, betas=_D_BETAS)
+        d = OptimizerSpec(d_opt, poly_lambda(total_iters, self.cfg.optim.poly_power), every=p.d_update_every, name="disc")
+        return [g, d]
+
+    def training_step(
+        self, labeled: dict[str, Any], unlabeled: dict[str, Any] | None, step: int
+    ) -> dict[str, torch.Tensor]:
+        p = self.cfg.advsemiseg
+        ignore = self.cfg.data.ignore_index
+        x_l, y_l = labeled["image"], labeled["mask"]
+        bl = x_l.shape[0]
+        x = x_l if unlabeled is None else torch.cat([x_l, _same_crop(unlabeled["image"], x_l)])
+        # One forward on all images (DDP needs a single forward per backward).
+        out = self.model(x)
+        logits = out["logits"].float()
+        probs = torch.softmax(logits, 1)
+        pred_u = logits[bl:]
+        valid_l = y_l != ignore
+        with frozen(self.discriminator):  # G's adversarial terms train G only
+            d_g = self.discriminator(probs).float()
+
+        # ---- G, labeled: CE (+ aux) + lambda_adv * BCE(D(softmax(pred_l)), real)
+        sup = sup_losses(self.cfg, {k: v[:bl] for k, v in out.items() if k in ("logits", "aux")}, y_l)
+        loss_adv = adversarial_loss(d_g[:bl], valid_l)
+        loss_g = sup["loss"] + p.lambda_adv * loss_adv
+
+        # ---- G, unlabeled: lambda_semi_adv * BCE(D(softmax(pred_u)), real)
+        #                   + lambda_semi * CE(pred_u, argmax pred_u) where sigmoid(D) >= t_semi
+        logs: dict[str, torch.Tensor] = {}
+        zero = logits.sum() * 0.0
+        loss_semi_adv, loss_semi = zero, zero
+        if pred_u.shape[0] > 0:
+            d_u = d_g[bl:]
+            loss_semi_adv = adversarial_loss(d_u)
+            loss_g = loss_g + p.lambda_semi_adv * loss_semi_adv
+            target_u, kept = semi_pseudo_labels(pred_u, d_u, p.t_semi, ignore)
+            if step >= p.semi_start:
+                loss_semi = semi_loss(pred_u, target_u, ignore)
+                loss_g = loss_g + p.lambda_semi * loss_semi
+            logs["semi_ratio"] = kept.float().mean()
+            logs.update(_pseudo_label_accuracy(unlabeled, pred_u, kept, ignore))
+
+        # ---- D: fake = detached predictions (unlabeled ones too with d_remain, never ignored,
+        # as the official `ignore_mask_remain`), real = one-hot labels; one D forward on both.
+        fake = probs.detach() if p.d_remain else probs[:bl].detach()
+        valid_fake = torch.cat([valid_l, valid_l.new_ones((fake.shape[0] - bl, *valid_l.shape[1:]))])
+        real = one_hot_labels(y_l, self.num_classes, ignore).to(fake.dtype)
+        d_out = self.discriminator(torch.cat([fake, real])).float()
+        d_fake, d_real = d_out[: fake.shape[0]], d_out[fake.shape[0] :]
+        loss_d = discriminator_loss(d_fake, d_real, valid_fake, valid_l)
+
+        acc_real, acc_fake = discriminator_accuracy(d_fake, d_real, valid_fake, valid_l)
+        self._watch((acc_real + acc_fake) / 2)
+        g_w = 1.0 if step % p.g_update_every == 0 else 0.0
+        d_w = 1.0 if step % p.d_update_every == 0 else 0.0
+        logs.update({k: v.detach() for k, v in sup.items() if k != "loss"})
+        logs.update(
+            loss=g_w * loss_g + d_w * loss_d,
+            loss_adv=loss_adv.detach(),
+            loss_semi_adv=loss_semi_adv.detach(),
+            loss_semi=loss_semi.detach(),
+            loss_d=loss_d.detach(),
+            d_acc_real=acc_real,
+            d_acc_fake=acc_fake,
+        )
+        return logs
+
+    def _watch(self, acc: torch.Tensor) -> None:
+        if not distributed.is_main():
+            return
+        msg = self.monitor.update(float(acc))
+        if msg:
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _same_crop(x_u: torch.Tensor, x_l: torch.Tensor) -> torch.Tensor:
+    if x_u.shape[1:] != x_l.shape[1:]:
+        raise ValueError(
+            f"labeled crops {tuple(x_l.shape[2:])} and unlabeled crops {tuple(x_u.shape[2:])} "
+            "differ; AdvSemiSeg runs both through one forward"
+        )
+    return x_u
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
 def discriminator_accuracy(
     d_fake: torch.Tensor,
     d_real: torch.Tensor,
@@ -145,9 +290,6 @@ def discriminator_accuracy(
 
     with torch.no_grad():
         return frac(d_real.float() > 0, valid_real), frac(d_fake.float() < 0, valid_fake)
-
-
-# ----------------------------------------------------------------------------- warnings
 
 
 @dataclass
@@ -187,154 +329,6 @@ class DAccuracyMonitor:
                 "Try advsemiseg.g_update_every=2 or more, a higher advsemiseg.d_lr, or a smaller lambda_adv."
             )
         return None
-
-
-# ----------------------------------------------------------------------------- method
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Temporarily stop a module's parameters from requiring grad (restoring each flag after).
-
-    A graph built inside still propagates gradients through the module to its inputs; only the
-    module's own parameters get none. Flags are restored even if the body raises.
-    """
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-class AdvSemiSeg(Method):
-    name = "advsemiseg"
-    uses_unlabeled = True
-
-    def __init__(self, cfg: Any, num_classes: int, class_names: list[str]) -> None:
-        super().__init__(cfg, num_classes, class_names)
-        from semiseg_cli.models.discriminator import FCDiscriminator
-
-        p = cfg.advsemiseg
-        self.discriminator = FCDiscriminator(num_classes, p.d_channels)
-        self.monitor = DAccuracyMonitor(p.warn_window)
-
-    @classmethod
-    def check_config(cls, cfg: Any, num_classes: int | None) -> None:
-        h, w = cfg.data.crop_size
-        if min(h, w) < _D_MIN_SIDE:
-            raise UserError(
-                f"data.crop_size {h}x{w} is too small for the AdvSemiSeg discriminator (five stride-2 convs); "
-                f"use crops of at least {_D_MIN_SIDE}x{_D_MIN_SIDE}"
-            )
-        if num_classes is not None and num_classes < 2:
-            raise UserError(f"AdvSemiSeg needs at least 2 classes, the dataset has {num_classes}")
-        p = cfg.advsemiseg
-        if p.semi_start >= cfg.train.iters and p.lambda_semi > 0:
-            warn(
-                f"advsemiseg.semi_start ({p.semi_start}) is not below train.iters ({cfg.train.iters}): the "
-                "confidence-masked self-training never starts; lower advsemiseg.semi_start to use it"
-            )
-
-    def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
-        p = self.cfg.advsemiseg
-        g = build_optimizer(self.model, self.cfg.optim, total_iters)
-        g.every = p.g_update_every
-        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p.d_lr, betas=p.d_betas)
-        d = OptimizerSpec(d_opt, poly_lambda(total_iters, self.cfg.optim.poly_power), every=p.d_update_every, name="disc")
-        return [g, d]
-
-    def _d_map(self, probs: torch.Tensor) -> torch.Tensor:
-        """D's (B,1,H,W) logits at the probability map's size (bilinear, as the paper)."""
-        out = self.discriminator(probs)
-        if out.shape[-2:] != probs.shape[-2:]:
-            out = F.interpolate(out, size=probs.shape[-2:], mode="bilinear", align_corners=False)
-        return out.float()
-
-    def training_step(
-        self, labeled: dict[str, Any], unlabeled: dict[str, Any] | None, step: int
-    ) -> dict[str, torch.Tensor]:
-        p = self.cfg.advsemiseg
-        t = self.cfg.train
-        ignore = self.cfg.data.ignore_index
-        x_l, y_l = labeled["image"], labeled["mask"]
-        bl = x_l.shape[0]
-        x = x_l
-        if unlabeled is not None:
-            if unlabeled["image"].shape[1:] != x_l.shape[1:]:
-                raise ValueError(
-                    f"labeled crops {tuple(x_l.shape[2:])} and unlabeled crops {tuple(unlabeled['image'].shape[2:])} "
-                    "differ; AdvSemiSeg runs both through one forward"
-                )
-            x = torch.cat([x_l, unlabeled["image"]])
-        # One student forward on all images (DDP needs a single forward per backward).
-        out = self.model(x)
-        logits = out["logits"].float()
-        pred_l, pred_u = logits[:bl], logits[bl:]
-        probs = torch.softmax(logits, 1)
-        valid_l = y_l != ignore
-        g_w = 1.0 if step % p.g_update_every == 0 else 0.0
-        d_w = 1.0 if step % p.d_update_every == 0 else 0.0
-        has_u = pred_u.shape[0] > 0
-
-        # ---- G: supervised CE (+ aux) and adversarial terms, D frozen.
-        loss_ce = supervised_loss(pred_l, y_l, ignore, t.loss, t.ohem_thresh, t.ohem_min_kept)
-        g_total = loss_ce
-        logs: dict[str, torch.Tensor] = {}
-        if "aux" in out:
-            loss_aux = supervised_loss(out["aux"][:bl].float(), y_l, ignore, t.loss, t.ohem_thresh, t.ohem_min_kept)
-            g_total = g_total + t.aux_weight * loss_aux
-            logs["loss_aux"] = loss_aux.detach()
-        with frozen(self.discriminator):
-            d_g = self._d_map(probs)
-        loss_adv = adversarial_loss(d_g[:bl], valid_l)
-        g_total = g_total + p.lambda_adv * loss_adv
-        zero = logits.sum() * 0.0
-        loss_semi_adv, loss_semi = zero, zero
-        if has_u:
-            d_u = d_g[bl:]
-            if step >= p.semi_start_adv:
-                loss_semi_adv = adversarial_loss(d_u)
-                g_total = g_total + p.lambda_semi_adv * loss_semi_adv
-            target_u, kept = semi_pseudo_labels(pred_u, d_u, p.t_semi, ignore)
-            if step >= p.semi_start:
-                loss_semi = semi_loss(pred_u, target_u, ignore)
-                g_total = g_total + p.lambda_semi * loss_semi
-            logs["semi_ratio"] = kept.float().mean()
-            logs.update(_pseudo_label_accuracy(unlabeled, pred_u, kept, ignore))
-
-        # ---- D: fake = detached predictions, real = one-hot labels; one D forward on both.
-        fake = probs.detach() if (p.d_remain and has_u) else probs[:bl].detach()
-        # Unlabeled fakes have no ignore pixels (official `ignore_mask_remain` is all false).
-        valid_fake = torch.cat([valid_l, valid_l.new_ones((fake.shape[0] - bl, *valid_l.shape[1:]))])
-        real = one_hot_labels(y_l, self.num_classes, ignore).to(fake.dtype)
-        d_out = self._d_map(torch.cat([fake, real]))
-        d_fake, d_real = d_out[: fake.shape[0]], d_out[fake.shape[0] :]
-        loss_d = discriminator_loss(d_fake, d_real, valid_fake, valid_l)
-        acc_real, acc_fake = discriminator_accuracy(d_fake, d_real, valid_fake, valid_l)
-        self._watch((acc_real + acc_fake) / 2)
-
-        logs.update(
-            loss=g_w * g_total + d_w * loss_d,
-            loss_ce=loss_ce.detach(),
-            loss_adv=loss_adv.detach(),
-            loss_semi_adv=loss_semi_adv.detach(),
-            loss_semi=loss_semi.detach(),
-            loss_d=loss_d.detach(),
-            d_acc_real=acc_real,
-            d_acc_fake=acc_fake,
-        )
-        return logs
-
-    def _watch(self, acc: torch.Tensor) -> None:
-        if not distributed.is_main():
-            return
-        msg = self.monitor.update(float(acc))
-        if msg:
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _pseudo_label_accuracy(
