@@ -7,12 +7,14 @@
 `predict_probs` and an argmax, with nothing written: what the model costs. Pseudo-labelling adds
 entropy, thresholds, per-class counts, the device-to-host copies and PNG/JSON writing (in
 threads, overlapping the next batch). Goal: pseudo-label time within 1.2x of pure inference.
-Both loops are timed from the first batch to the last file written (checkpoint loading, the
-weights hash and the header scan are reported apart, as setup), in wall time and in CPU time
-(process + DataLoader workers), best of `--repeats` interleaved runs. On a shared, oversubscribed
-CPU, torch's default intra-op threads spin against other jobs and wall times swing 3x between
-identical runs: `--threads 1 --workers 1` gives repeatable numbers there. Writes a table and
-bench/results/pseudo_label_<device>.json.
+Wall time runs from the first batch to the last file written (checkpoint loading, the weights
+hash and the header scan are reported apart, as setup). CPU time (this process's threads plus
+the reaped DataLoader workers, `getrusage` read here before and after each whole call) includes
+the setup on both sides: a pseudo-label call against a pure-inference call with its checkpoint
+load, header scan and warm-up batch. Best of `--repeats` interleaved runs. On a shared,
+oversubscribed CPU, torch's default intra-op threads spin against other jobs and wall times swing
+3x between identical runs: `--threads 1 --workers 1` gives repeatable numbers there. Writes a
+table and bench/results/pseudo_label_<device>.json.
 """
 
 from __future__ import annotations
@@ -32,15 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 from semiseg_cli.engine.device import resolve_device
-from semiseg_cli.pseudo_label import (
-    PseudoLabelDataset,
-    PseudoLabelSettings,
-    collate,
-    image_sizes,
-    resolve_pairs,
-    run_pseudo_label,
-    size_batches,
-)
+from semiseg_cli.engine.loaders import image_sizes, size_batches
+from semiseg_cli.pseudo_label import PseudoLabelDataset, PseudoLabelSettings, collate, resolve_pairs, run_pseudo_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,21 +59,24 @@ def make_demo_checkpoint(work: Path, n_images: int, size: int, iters: int, conso
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads) and of its finished children (the
-    DataLoader workers, joined at the end of each loop). Unlike wall time it barely moves when
-    other jobs share the cores, so on a loaded machine it is the fairer comparison."""
+    """User + system CPU time of this process (all threads) and of its reaped children (the
+    DataLoader workers, joined when a loader is exhausted, so read it after the call returns).
+    Unlike wall time it barely moves when other jobs share the cores, so on a loaded machine it
+    is the fairer comparison."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def pure_inference(checkpoint: Path, split: str, root: Path | None, device: torch.device, batch: int, workers: int) -> tuple[float, float]:
-    """(wall, CPU) seconds to run the model over the split with the same loader, writing nothing."""
+    """(wall seconds of the loop, CPU seconds of the whole call) to run the model over the split
+    with the same loader, writing nothing."""
     from torch.utils.data import DataLoader
 
     from semiseg_cli.data import get_layout
     from semiseg_cli.engine.checkpoint import load_for_inference
     from semiseg_cli.inference import InferenceSettings, predict_probs
 
+    c = cpu_seconds()
     model, cfg, _ = load_for_inference(checkpoint, device)
     layout = get_layout(cfg.data.dataset, root or cfg.data.root)
     pairs = resolve_pairs(split, layout)
@@ -92,7 +90,7 @@ def pure_inference(checkpoint: Path, split: str, root: Path | None, device: torc
         x = ds[0]["image"][None].to(device)
         predict_probs(model, x, settings)
     _sync(device)
-    t, c = time.perf_counter(), cpu_seconds()
+    t = time.perf_counter()
     with torch.no_grad():
         for b in loader:
             x = b["image"].to(device, non_blocking=True)
@@ -143,11 +141,11 @@ def main() -> None:
 
         def pl(name: str, **kw: Any) -> dict[str, Any]:
             s = PseudoLabelSettings(batch_size=args.batch_size, workers=args.workers, **kw)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds()
             r = run_pseudo_label(ckpt, split, work / "pl" / name.replace(" ", "_"), root=root, settings=s,
                                  device=str(device), overwrite=True)
-            total = time.perf_counter() - t
-            return {"variant": name, "images": r.processed, "loop_s": r.seconds, "cpu_s": r.cpu_seconds, "setup_s": total - r.seconds}
+            total, cpu = time.perf_counter() - t, cpu_seconds() - c
+            return {"variant": name, "images": r.processed, "loop_s": r.seconds, "cpu_s": cpu, "setup_s": total - r.seconds}
 
         variants: dict[str, dict[str, Any]] = {
             "png": {},

@@ -130,16 +130,12 @@ def run_eval(
     validated (`eval_config`), the outputs and every image header are checked, all before the
     model is loaded. `None` keeps the checkpoint's value, except `workers`: None is 2 unless
     `--set data.workers` says otherwise. `flip=True` adds flips; False keeps the config's."""
-    from semiseg_cli.data import build_dataset, get_layout
-    from semiseg_cli.data.splits import read_split_file
-    from semiseg_cli.engine.checkpoint import load_checkpoint, load_for_inference
+    from semiseg_cli.data import build_dataset
+    from semiseg_cli.engine.inputs import load_model, open_split
     from semiseg_cli.engine.loaders import dataset_sizes, eval_loader
-    from semiseg_cli.engine.device import resolve_device
     from semiseg_cli.inference import InferenceSettings, evaluate
 
     _check_outputs(json_out, confusion_png, overwrite)
-    if weights not in ("auto", "teacher", "student"):
-        raise UserError(f"--weights must be auto, teacher or student (got {weights!r})")
     values: dict[str, Any] = {
         "data.root": str(root) if root is not None else None,
         "data.workers": workers,
@@ -150,24 +146,19 @@ def run_eval(
         "eval.crop_size": list(crop_size) if crop_size is not None else None,
     }
     values = {k: v for k, v in values.items() if v is not None}
-    stored = load_checkpoint(checkpoint, mmap=True)["config"]  # the tensors stay on disk for now
     defaults = {"data.workers": 2}  # eval's own default, below any --set (not the training machine's)
-    cfg = eval_config(stored, sets, values, defaults)
-    dev = resolve_device(device or "auto")
-
-    layout = get_layout(cfg.data.dataset, cfg.data.root)
-    if split.endswith(".txt") or Path(split).is_file():
-        pairs = read_split_file(split, layout.root)
-    else:
-        pairs = layout.list_pairs(split)
-    pairs = [p for p in pairs if p[1] is not None]
+    # --root travels in `values` (as data.root, validated and named like every other option).
+    inputs = open_split(checkpoint, split, device=device, weights=weights,
+                        configure=lambda stored: eval_config(stored, sets, values, defaults))
+    cfg, dev = inputs.cfg, inputs.device
+    pairs = [p for p in inputs.pairs if p[1] is not None]
     if not pairs:
         raise UserError(f"split {split!r} has no images with masks to evaluate against")
     ds = build_dataset(cfg.data, pairs, train=False)
     sizes = dataset_sizes(ds)  # every header, before the model is loaded
     settings = InferenceSettings.from_config(cfg)
 
-    model, _, ckpt = load_for_inference(checkpoint, dev, weights)
+    model, ckpt = load_model(checkpoint, dev, weights)
     num_classes = ckpt["num_classes"]
     class_names = ckpt["class_names"]
     used, used_text = weights_label(weights, bool(ckpt.get("has_teacher")))

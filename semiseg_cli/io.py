@@ -21,7 +21,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from semiseg_cli.errors import UserError
 
@@ -187,3 +187,17 @@ def read_text(path: str | os.PathLike[str], what: str, fix: str = "save it as UT
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}); {fix}") from None
+
+
+def remove_entries(folder: Path, names: Iterable[str]) -> None:
+    """Remove `folder/NAME` for every name: a folder with all it holds, a file, or a link (the
+    link itself, never what it points to); names that do not exist are skipped.
+
+    For commands that own a fixed set of names inside a folder the user chose (`--overwrite`, a
+    failed start): everything else in that folder stays, so a mistyped path cannot wipe it."""
+    for name in names:
+        p = Path(folder) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)

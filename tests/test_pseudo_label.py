@@ -15,12 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from semiseg_cli.cli import app
+from semiseg_cli.engine.loaders import size_batches
 from semiseg_cli.pseudo_label import (
     U16,
     batch_counts,
     normalised_entropy,
     reliable_mask,
-    size_batches,
     summarise,
 )
 
@@ -330,11 +330,10 @@ def test_errors_are_one_line_and_leave_nothing_half_written(ckpt: Path, demo_roo
 
 def test_labels_for_training_use_the_stored_encoding_where_it_differs(cityscapes_root: Path, demo_root: Path) -> None:
     from semiseg_cli.data import get_layout
-    from semiseg_cli.pseudo_label import training_encoding
 
-    assert training_encoding(get_layout("demo", demo_root)) is None  # class ids are stored as is
+    assert get_layout("demo", demo_root).training_encoding() is None  # class ids are stored as is
     layout = get_layout("cityscapes", cityscapes_root)
-    enc = training_encoding(layout)
+    enc = layout.training_encoding()
     assert enc is not None and enc[0] == 7 and enc[18] == 33 and enc[255] == 255
     ids = np.array(list(range(19)) + [255], np.uint8)
     assert np.array_equal(layout._lut[enc[ids]], ids)  # reading them back gives the class ids

@@ -172,13 +172,10 @@ def _write_split(tmp: Path, split: str, n: int, size: int, rng: np.random.Genera
 
 def _install(tmp: Path, out: Path) -> None:
     """Swap the freshly generated entries into `out`, replacing only what the demo owns."""
+    from semiseg_cli.io import remove_entries
+
     out.mkdir(parents=True, exist_ok=True)
-    for name in OWNED:
-        old = out / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
+    remove_entries(out, OWNED)
     for name in OWNED:
         (tmp / name).rename(out / name)
 
