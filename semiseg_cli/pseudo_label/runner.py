@@ -215,7 +215,7 @@ def _process_batch(model: "nn.Module", batch: dict[str, Any], inf: Any, dev: "to
             probs = predict_probs(model, x, inf)
         probs = probs.float()
         if probs.shape[2:] != gt.shape[1:]:  # data.resize: labels are written at the stored size
-            probs = F.interpolate(probs, size=gt.shape[1:], mode="bilinear", align_corners=False)
+            probs = F.interpolate(probs, size=gt.shape[1:], mode="bilinear", align_corners=inf.align_corners)
         conf, label = probs.max(1)
         ent = normalised_entropy(probs)
         keep = reliable_mask(conf, ent, s.min_confidence, s.drop_percent)
