@@ -11,7 +11,7 @@ built from the same preset; the supervised one without the heads only other meth
         --methods supervised,u2pl --device cpu --steps 10
 
 A method entry may be a labelled variant, `LABEL=METHOD+key=value+key=value`, e.g.
-`--methods dupl,single=dupl+dupl.single_net=true+dupl.gmm=false+dupl.consistency=false`.
+`--methods dupl,plain=dupl+dupl.gmm=false+dupl.consistency=false`.
 Writes bench/results/train_step_<preset>_<device>.json (or --out).
 """
 
@@ -54,7 +54,7 @@ def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: tor
 
 
 def parse_method(spec: str) -> tuple[str, str, list[str]]:
-    """"u2pl" -> ("u2pl", "u2pl", []); "single=dupl+dupl.single_net=true" -> ("single", "dupl", [...])."""
+    """"u2pl" -> ("u2pl", "u2pl", []); "plain=dupl+dupl.gmm=false" -> ("plain", "dupl", [...])."""
     head, *extra = spec.split("+")
     label, _, method = head.rpartition("=")
     return label or method, method, extra

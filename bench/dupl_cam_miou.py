@@ -3,7 +3,8 @@ metric (one confusion matrix over every image, not the per-batch figure the trai
 
 For each image: its tags (from the mask, as training derives them, or from --tags), the
 multi-scale + flip CAMs of each sub-network in eval mode, then the pseudo-labels at the final
-`tau_h` (or --tau-high) with PAR refinement, exactly as training makes them. Pixels the rule
+`tau_h` (or --tau-high) with PAR refinement, as training makes them but on the whole image
+without the training view's photometric augmentation (no crop, so no padding). Pixels the rule
 leaves uncertain (255) count as wrong for `miou` (they are no label) and are left out for
 `miou_confident`; `coverage` is the share of labelled pixels that receive a label.
 
@@ -44,7 +45,7 @@ def cam_miou(ckpt: Path, split: str, device: torch.device, tau_high: float | Non
     par = PAR(p.par_dilations, p.par_iters, p.par_w1, p.par_w2).to(device) if p.par_iters > 0 else None
     th = p.tau_high_end if tau_high is None else tau_high
     n = layout.num_classes
-    mats = {name: (ConfusionMatrix(n + 1, ignore_index=IGNORE, device=device)) for name in ("net1", "net2")[: len(model.subnets)]}
+    mats = {name: ConfusionMatrix(n + 1, ignore_index=IGNORE, device=device) for name in ("net1", "net2")}
     labelled = {k: 0 for k in mats}
     total = 0
     for i in range(len(ds)):

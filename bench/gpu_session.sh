@@ -47,14 +47,14 @@ bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2
 bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2pl --set u2pl.delta_p=0.0 \
   --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_deltap0_$DEVICE.json"
 bench --preset dupl_mbv2-os16_1x4-300it_camvid-176x224 \
-  --methods single=dupl+dupl.single_net=true+dupl.gmm=false+dupl.consistency=false,dupl \
+  --methods plain=dupl+dupl.gmm=false+dupl.consistency=false,dupl \
   --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_dupl_$DEVICE.json"
 if [ "$QUICK" != 1 ]; then
   bench --preset u2pl_r101-os8_4x4+4-80e_voc-classic-513 --methods supervised,u2pl --steps $big --warmup 1 \
     --set model.pretrained=none --out "$RES/train_step_voc_u2pl_$DEVICE.json"
   bench --preset advsemiseg_r101-os8_1x10+10-20k_voc-blender-321 --methods supervised,advsemiseg --steps $big --warmup 1 \
     --set model.pretrained=none --out "$RES/train_step_voc_advsemiseg_$DEVICE.json"
-  bench --preset dupl_vitb16_1x4-20k_voc-448 --methods single=dupl+dupl.single_net=true+dupl.gmm=false+dupl.consistency=false,dupl \
+  bench --preset dupl_vitb16_1x4-20k_voc-448 --methods plain=dupl+dupl.gmm=false+dupl.consistency=false,dupl \
     --steps $big --warmup 1 --set dupl.vit_pretrained=none --out "$RES/train_step_voc_dupl_$DEVICE.json"
 fi
 log "pseudo-label throughput"
@@ -104,7 +104,6 @@ run dupl "$DU" "${it[@]}" & pids+=($!)
 run dupl_nogmm "$DU" "${it[@]}" --set dupl.gmm=false & pids+=($!)
 run dupl_nocons "$DU" "${it[@]}" --set dupl.consistency=false & pids+=($!)
 run dupl_neither "$DU" "${it[@]}" --set dupl.gmm=false --set dupl.consistency=false & pids+=($!)
-run dupl_single "$DU" "${it[@]}" --set dupl.single_net=true --set dupl.gmm=false --set dupl.consistency=false & pids+=($!)
 if [ "$LONG_ITERS" -gt 0 ]; then
   k=$(( LONG_ITERS / ITERS ))  # warm-ups and starts scaled with the schedule
   L=(--iters "$LONG_ITERS" --set train.val_interval=$(( LONG_ITERS / 4 )) --set train.ckpt_interval=$(( LONG_ITERS / 4 )))
@@ -113,8 +112,6 @@ if [ "$LONG_ITERS" -gt 0 ]; then
   run adv_long "$ADV" "${UNL[@]}" "${L[@]}" --set advsemiseg.semi_start=$(( 75 * k )) & pids+=($!)
   run dupl_long "$DU" "${L[@]}" --set dupl.seg_start=$(( 90 * k )) --set dupl.gmm_start=$(( 180 * k )) \
     --set optim.warmup_iters=$(( 30 * k )) & pids+=($!)
-  run dupl_single_long "$DU" "${L[@]}" --set dupl.seg_start=$(( 90 * k )) --set dupl.gmm_start=$(( 180 * k )) \
-    --set optim.warmup_iters=$(( 30 * k )) --set dupl.single_net=true --set dupl.gmm=false --set dupl.consistency=false & pids+=($!)
 fi
 for p in "${pids[@]}"; do wait "$p"; done
 for f in "$RUNS"/*.log; do n=$(basename "$f" .log); echo "== $n: $(grep -c . "$f") lines; $(grep -E 'train rc|stopped|error' "$f" | head -n 3 | tr '\n' ' ')"; done

@@ -32,16 +32,19 @@ from semiseg_cli.methods.cam import (
     refine_pseudo_labels,
     tau_high_schedule,
 )
+from semiseg_cli.data.transforms import normalize
 from semiseg_cli.methods.dupl import (
     consistency_loss,
     discrepancy_loss,
     discrepancy_term,
-    flip_where,
     frozen_bn_stats,
+    inside_image,
     seg_loss,
     strong_colour_augment,
+    strong_view,
 )
-from semiseg_cli.methods.dupl_net import DualNet, DuPLSubNet, ViTBackbone, load_vit_weights, timm_vit_to_torchvision
+from semiseg_cli.methods.dupl_net import DualNet, DuPLSubNet, LargeFOV
+from semiseg_cli.models.vit import ViTBackbone, load_vit_weights, timm_vit_to_torchvision
 from tests.method_harness import MethodChecks
 from tests.method_harness import make_cfg as harness_cfg
 
@@ -115,6 +118,9 @@ def test_pseudo_label_stats() -> None:
     miou, cover = pseudo_label_stats(label, gt, 2)
     # class 0: tp 1, union 2 ; class 1: tp 1, union 2
     assert math.isclose(float(miou), 0.5) and math.isclose(float(cover), 0.75)
+    # coverage over the image proper: the last pixel is crop padding
+    _, cover = pseudo_label_stats(label, gt, 2, inside=torch.tensor([[[True, True, True, False]]]))
+    assert math.isclose(float(cover), 2 / 3, rel_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------- tau_h
@@ -234,19 +240,22 @@ def test_consistency_loss_masks_by_peer_ignore_and_confidence() -> None:
     assert strong.grad[..., 1:].abs().sum() == 0
     none, _ = consistency_loss(strong, clean, torch.ones(1, 1, 3, dtype=torch.long))
     assert float(none.detach()) == 0.0
+    # crop padding is ignored in the peer's labels but is never a consistency target
+    padded, mask = consistency_loss(strong, clean, peer, thresh=0.9, inside=torch.tensor([[[False, True, True]]]))
+    assert not mask.any() and float(padded.detach()) == 0.0
 
 
-def test_strong_view_and_flip_back() -> None:
+def test_strong_view_is_flipped_resized_and_normalised() -> None:
     torch.manual_seed(0)
     img = torch.rand(3, 3, 8, 8)
     assert torch.equal(strong_colour_augment(img, n_ops=0), img)
     out = strong_colour_augment(img, n_ops=5, magnitude=10)
     assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, img)
-    flags = torch.tensor([True, False, True])
-    flipped = flip_where(img, flags)
-    assert torch.equal(flipped[0], img[0].flip(-1)) and torch.equal(flipped[1], img[1])
-    assert torch.equal(flip_where(flipped, flags), img)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
+    view = strong_view(img, 0, 10.0, 1.0, mean, std)
+    assert torch.allclose(view, normalize(img, mean, std).flip(-1))  # every image flipped (official)
+    assert strong_view(img, 5, 10.0, 0.75, mean, std).shape == (3, 3, 6, 6)
 
 
 def test_frozen_bn_stats_keeps_running_stats() -> None:
@@ -316,50 +325,114 @@ def test_inference_model_round_trip() -> None:
     assert not any(k.startswith("backbone.") for k in fresh.state_dict())  # not registered twice
 
 
-def test_single_net_baseline_step_trains_net1_on_its_own_labels() -> None:
-    torch.manual_seed(0)
-    C = 4
-    cfg = make_cfg(single_net=True, seg_start=0, gmm_start=0, cam_scales=(1.0,), par_dilations=(1, 2))
-    M = get_method("dupl")
-    M.check_config(cfg, C)
-    method = M(cfg, C, ["bg", "a", "b", "c"])
-    net: DualNet = method.model  # type: ignore[assignment]
-    assert net.net2 is None and len(net.subnets) == 1
-    assert not any(k.startswith("net2.") for k in method.state_dict())
-    n_params = sum(p.numel() for p in method.parameters())
-    dual = M(make_cfg(), C, ["bg", "a", "b", "c"])
-    assert n_params * 2 == sum(p.numel() for p in dual.parameters())
-    specs = method.configure_optimizers(cfg.train.iters)
-    assert sum(p.numel() for g in specs[0].optimizer.param_groups for p in g["params"]) == n_params
+def _padded_batch(C: int = 4) -> dict[str, Any]:
+    """Two 64x64 crops whose right 24 columns (and, for image 1, bottom 16 rows) are padding."""
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    valid[:, :, 40:] = False
+    valid[1, 48:] = False
+    x = torch.randn(2, 3, 64, 64)
+    x[~valid[:, None].expand_as(x)] = 0.0  # the transform pads with the mean colour: 0 once normalised
     tags = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
-    batch = {"image": torch.randn(2, 3, 64, 64), "tags": tags, "gt_mask": torch.randint(0, C, (2, 64, 64))}
-    method.train()
+    gt = torch.randint(0, C, (2, 64, 64)).masked_fill(~valid, IGNORE)
+    return {"image": x, "tags": tags, "gt_mask": gt, "valid": valid}
+
+
+def test_crop_padding_is_never_pseudo_labelled_nor_trained_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import semiseg_cli.methods.dupl as dupl_module
+
+    torch.manual_seed(0)
+    cfg = make_cfg(seg_start=0, gmm_start=0, cam_scales=(1.0,), par_dilations=(1, 2), consistency_thresh=0.0)
+    method = get_method("dupl")(cfg, 4, ["bg", "a", "b", "c"]).train()
+    batch = _padded_batch()
+    valid = batch["valid"]
+    seen: dict[str, list[torch.Tensor]] = {"labels": [], "masks": []}
+    real_seg, real_cons = dupl_module.seg_loss, dupl_module.consistency_loss
+
+    def spy_seg(logits: torch.Tensor, label: torch.Tensor, *a: Any) -> torch.Tensor:
+        seen["labels"].append(label)
+        return real_seg(logits, label, *a)
+
+    def spy_cons(*a: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, mask = real_cons(*a)
+        seen["masks"].append(mask)
+        return loss, mask
+
+    monkeypatch.setattr(dupl_module, "seg_loss", spy_seg)
+    monkeypatch.setattr(dupl_module, "consistency_loss", spy_cons)
     losses = method.training_step(batch, None, 0)
-    assert "loss_dis" not in losses and "pl_miou_2" not in losses
-    for key in ("loss", "loss_cls", "loss_seg", "loss_cons", "noise_frac", "pl_miou"):
-        assert key in losses and torch.isfinite(losses[key]), key
-    # Own supervision: the segmentation term equals the head's CE against its own (filtered) labels.
-    seen: dict[str, Any] = {}
-    orig = method.filter_noise
-    method.filter_noise = lambda segs, labels: seen.setdefault("r", orig(segs, labels))  # type: ignore[method-assign]
-    torch.manual_seed(1)
-    losses = method.training_step(batch, None, 0)
-    (lab,), _ = seen["r"]
-    with torch.no_grad():
-        seg = F.interpolate(net.net1(batch["image"])["seg"], size=(64, 64), mode="bilinear", align_corners=False)
-    assert float(losses["loss_seg"]) == pytest.approx(float(seg_loss(seg, lab)), rel=1e-4)
-    losses["loss"].backward()
-    sub = net.net1
-    for part in (sub.backbone.conv1, sub.backbone.layer4, sub.classifier, sub.aux_classifier, sub.seg_head.conv8):
-        grads = [p.grad for p in part.parameters()]
-        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
-    # The inference model rebuilds from the config (one sub-net) and loads the state.
-    fresh = M.build_inference_model(cfg, C).eval()
-    fresh.load_state_dict(method.inference_model().state_dict())  # strict: same structure
+    assert len(seen["labels"]) == 2 and len(seen["masks"]) == 2
+    for label in seen["labels"]:  # both peers' maps, after the GMM filter
+        assert (label[~valid] == IGNORE).all()
+        assert (label[valid] != IGNORE).any()  # the image itself is labelled
+    for mask in seen["masks"]:  # every confident pixel is a target (thresh 0) except the padding
+        assert not mask[~valid].any() and mask[valid].any()
+    assert torch.isfinite(losses["loss"]) and 0.0 < float(losses["pl_cover"]) <= 1.0
+    # no `valid` in the batch: every pixel is the image's; a wrong shape is a bug, not padding
+    assert inside_image({}, batch["image"]).all()
+    with pytest.raises(ValueError, match="valid"):
+        inside_image({"valid": valid[:, :32]}, batch["image"])
+
+
+def test_training_view_is_photometrically_augmented_and_eval_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import semiseg_cli.methods.dupl as dupl_module
+
+    torch.manual_seed(0)
+    cfg = make_cfg(seg_start=0, gmm_start=1000, cam_scales=(1.0,), par_dilations=(1, 2))
+    method = get_method("dupl")(cfg, 4, ["bg", "a", "b", "c"]).train()
+    net: DualNet = method.model  # type: ignore[assignment]
+    calls: list[dict[str, Any]] = []
+    real_photometric, real_cam = dupl_module.strong_photometric, dupl_module.multi_scale_cam
+
+    def spy_photometric(x: torch.Tensor, mean: Any, std: Any, **kw: Any) -> torch.Tensor:
+        calls.append(kw)
+        return real_photometric(x, mean, std, **kw)
+
+    cam_inputs: list[torch.Tensor] = []
+
+    def spy_cam(fn: Any, x: torch.Tensor, *a: Any) -> torch.Tensor:
+        cam_inputs.append(x)
+        return real_cam(fn, x, *a)
+
+    forward_inputs: list[torch.Tensor] = []
+    real_forward = net.forward
+
+    def spy_forward(x: torch.Tensor, **kw: Any) -> dict[str, Any]:
+        forward_inputs.append(x)
+        return real_forward(x, **kw)
+
+    monkeypatch.setattr(dupl_module, "strong_photometric", spy_photometric)
+    monkeypatch.setattr(dupl_module, "multi_scale_cam", spy_cam)
+    monkeypatch.setattr(net, "forward", spy_forward)
+    batch = {"image": torch.randn(2, 3, 64, 64), "tags": torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])}
+    method.training_step(batch, None, 0)
+    # the official recipe, as the default and only training view
+    assert calls == [{"jitter": (0.4, 0.4, 0.2, 0.1), "p_jitter": 0.8, "p_gray": 0.2, "p_blur": 1.0}]
+    (seen,) = forward_inputs
+    assert not torch.allclose(seen, batch["image"])  # blur p 1.0: never the raw crop
+    assert len(cam_inputs) == 2 and all(torch.equal(c, seen) for c in cam_inputs)  # the CAMs see the same view
+    # evaluation sees the image as it is: no augmentation call, deterministic, sub-net 1's head
+    method.eval()
     x = torch.randn(1, 3, 48, 40)
-    assert torch.allclose(fresh(x)["logits"], method.eval().inference_model()(x)["logits"])
-    with pytest.raises(UserError, match="single_net"):
-        make_cfg(single_net=True, inference="mean")
+    with torch.no_grad():
+        out = method.inference_model()(x)["logits"]
+        again = method.inference_model()(x)["logits"]
+        expect = F.interpolate(net.net1.segment(x), size=(48, 40), mode="bilinear", align_corners=False)
+    assert len(calls) == 1 and torch.equal(out, again) and torch.allclose(out, expect)
+
+
+def test_large_fov_has_no_biases() -> None:
+    head = LargeFOV(16, 5, channels=8)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and all(c.bias is None for c in convs)
+    net = get_method("dupl").build_inference_model(make_cfg(seg_channels=8), 3)
+    assert not [k for k in net.state_dict() if ".seg_head." in f".{k}" and k.endswith(".bias")]
+
+
+def test_removed_options_load_at_their_former_default_only() -> None:
+    for key, kept, other in (("single_net", False, True), ("gmm_guard_low", False, True), ("strong_flip_prob", 1.0, 0.5)):
+        assert key not in make_cfg(**{key: kept}).dupl.model_dump()  # old run folders and checkpoints load
+        with pytest.raises(UserError, match=f"dupl.{key} = .* was removed"):
+            make_cfg(**{key: other})
 
 
 def test_check_config_and_params_errors() -> None:
@@ -376,6 +449,8 @@ def test_check_config_and_params_errors() -> None:
         make_cfg(fixed_tau_classes=(1,))
     with pytest.raises(UserError, match="unknown key"):
         make_cfg(gmm_typo=1)
+    with pytest.raises(UserError, match="aux_layer"):  # ViT-B/16 has 12 blocks
+        make_cfg(aux_layer=-13)
 
 
 # ----------------------------------------------------------------------------- ViT
@@ -400,7 +475,7 @@ def test_vit_tokens_become_feature_maps_at_any_size() -> None:
     x[..., 16:32, 48:64] = 1.0  # patch at row 1, col 3
     d = (bb(x)["out"] - a).abs().sum(1)[0]
     assert d[1, 3] > 0 and d.sum() == d[1, 3]
-    with pytest.raises(UserError, match="aux_layer"):
+    with pytest.raises(ValueError, match="aux_layer"):
         ViTBackbone(tiny_vit(), aux_layer=-9)
 
 

@@ -148,7 +148,7 @@ def test_unlabeled_split_adds_the_other_pool_images_as_unlabeled(voc_root: Path,
     # The training loop draws the same pools from the config.
     from semiseg_cli.config import build_config
     from semiseg_cli.data.layouts import get_layout
-    from semiseg_cli.engine.loop import resolve_pools
+    from semiseg_cli.engine.run_data import resolve_pools
 
     cfg = build_config(None, ['data.dataset="voc"', f'data.root="{voc_root}"', 'data.labeled="1"',
                               'data.unlabeled_split="train_aug"'], "u2pl")

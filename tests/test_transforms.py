@@ -45,8 +45,10 @@ def test_train_transform_keeps_image_and_mask_aligned(seed: int) -> None:
     image, mask = _encoded_pair()
     t = TrainTransform((64, 72), (0.5, 2.0), True, *IDENTITY)
     random.seed(seed)
-    x, y = t(image, mask)
+    x, y, inside = t(image, mask)
     assert x.shape == (3, 64, 72) and y.shape == (64, 72) and y.dtype == torch.long
+    # `valid` marks the image, not the padding: the mask's own padding (255 outside it) agrees.
+    assert inside.dtype == torch.bool and not ((y != 255) & ~inside).any()
     assert set(y.unique().tolist()) <= set(range(len(COLOURS))) | {255}  # nearest: no new ids
     y_np, decoded = y.numpy(), _decode(x)
     valid = y_np != 255
@@ -60,9 +62,10 @@ def test_padding_is_ignore_in_the_mask_and_zero_after_normalisation() -> None:
     image, mask = _encoded_pair()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     t = TrainTransform(128, (0.5, 0.5), False, mean, std)
-    x, y = t(image, mask)  # scaled to 40x48, padded to 128x128
+    x, y, inside = t(image, mask)  # scaled to 40x48, padded to 128x128
     pad = (y == 255).numpy()
     assert pad.sum() == 128 * 128 - 40 * 48
+    assert torch.equal(inside, ~torch.from_numpy(pad)) and inside[:40, :48].all()
     assert x[:, torch.from_numpy(pad)].abs().max() < 0.02
 
 
@@ -74,8 +77,8 @@ def test_same_seed_same_crop_and_masks_optional() -> None:
     random.seed(3)
     b = t(image, mask)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    x, y = t(image, None)
-    assert y is None and x.shape == (3, 48, 48)
+    x, y, inside = t(image, None)
+    assert y is None and x.shape == (3, 48, 48) and inside.shape == (48, 48)
 
 
 def test_eval_transform_and_denormalize_round_trip() -> None:
@@ -151,3 +154,19 @@ def test_strong_photometric_brightness_alone_scales_the_pixels() -> None:
     y01 = denormalize(strong_photometric(_normalised(img), MEAN, STD, jitter=(0.5, 0.0, 0.0, 0.0), p_jitter=1.0, p_gray=0.0, p_blur=0.0), MEAN, STD)
     factor = 1 + (2 * u[:, 1] - 1) * 0.5  # the documented draw: brightness in [0.5, 1.5]
     assert torch.allclose(y01, img * factor.view(2, 1, 1, 1), atol=1e-4)
+
+
+def test_training_items_carry_where_the_image_is(folder_root) -> None:  # type: ignore[no-untyped-def]
+    """A 24x24 image in a 40x40 crop: `valid` is the image's share of the crop, so methods that
+    label pixels themselves (DuPL) can leave the padding out; evaluation items have no `valid`."""
+    from semiseg_cli.config import build_config
+    from semiseg_cli.data import build_dataset, get_layout
+
+    cfg = build_config(None, ['data.dataset="folder"', f'data.root="{folder_root}"', "data.crop_size=[40, 40]",
+                              "data.scale_range=[1.0, 1.0]"]).data
+    pairs = get_layout("folder", folder_root).list_pairs("train")
+    random.seed(0)
+    item = build_dataset(cfg, pairs, train=True)[0]
+    assert item["valid"].shape == (40, 40) and int(item["valid"].sum()) == 24 * 24
+    assert not ((item["mask"] != 255) & ~item["valid"]).any()
+    assert "valid" not in build_dataset(cfg, pairs, train=False)[0]

@@ -1,6 +1,7 @@
 """U2PL: each loss on a case small enough to check by hand, then the method through the shared
 checks (past the warm-up, so the representation head must get gradients), the EMA schedule and
-reset, the config guard for few-class data, and one tiny end-to-end run through the loop."""
+reset, the prior-adjustment hook (off: the paper's loss), the config guards for few-class data
+and removed options, and one tiny end-to-end run through the loop."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from semiseg_cli.config import build_config
 from semiseg_cli.errors import UserError
+from semiseg_cli.methods.params import U2PLParams
 from semiseg_cli.methods.u2pl import U2PL
 from semiseg_cli.methods.u2pl_losses import (
     MemoryBank,
-    align_distribution,
-    prior_adjustment,
+    PriorAdjustment,
     alpha_at,
     contrastive_loss,
     contrastive_masks,
@@ -29,11 +31,12 @@ from semiseg_cli.methods.u2pl_losses import (
     epoch_fraction,
     infonce,
     last_per_class,
-    percentiles,
+    reliable_split,
     resize_nearest,
     sample_anchors,
     unsup_loss,
 )
+from semiseg_cli.ops import keep_low_entropy, percentiles
 from tests.method_harness import MethodChecks, batches_for, build_method, make_cfg
 
 FAST = [
@@ -85,23 +88,51 @@ def test_unsup_loss_drops_entropy_at_or_above_the_percentile_and_renormalises() 
     target = torch.zeros(1, 1, 5, dtype=torch.long)
     ent = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).view(1, 1, 5)
     # 75th percentile of 0..4 is exactly 3.0: "at or above" drops pixels 3 and 4.
-    thr = percentiles(ent, None, [75.0])[0]
-    assert float(thr) == pytest.approx(3.0)
-    loss, keep = unsup_loss(logits, target, ent, thr, "official")
+    assert float(percentiles(ent, None, [75.0])[0]) == pytest.approx(3.0)
+    keep = keep_low_entropy(ent, 75.0, target != 255, scope="batch")
     assert keep.flatten().tolist() == [True, True, True, False, False]
+    loss = unsup_loss(logits, target, keep)
     assert float(loss) == pytest.approx(float(ce[:3].mean() * 5 / 3), rel=1e-6)  # mean x B*H*W/#kept
-    loss_mean, _ = unsup_loss(logits, target, ent, thr, "mean")
-    assert float(loss_mean) == pytest.approx(float(ce[:3].mean()), rel=1e-6)
     # 80th percentile is 3.2: pixel 3 comes back.
-    loss80, keep80 = unsup_loss(logits, target, ent, percentiles(ent, None, [80.0])[0], "official")
+    keep80 = keep_low_entropy(ent, 80.0, target != 255, scope="batch")
     assert int(keep80.sum()) == 4
-    assert float(loss80) == pytest.approx(float(ce[:4].mean() * 5 / 4), rel=1e-6)
+    assert float(unsup_loss(logits, target, keep80)) == pytest.approx(float(ce[:4].mean() * 5 / 4), rel=1e-6)
+
+
+def test_the_batch_drop_keeps_valid_pixels_below_the_percentile_of_the_valid_ones() -> None:
+    """`keep_low_entropy(scope="batch")` is U2PL's drop: one threshold over the batch's valid
+    pixels (the p_t-th percentile), strict `<` (ties with the threshold dropped), invalid pixels
+    never kept."""
+    g = torch.Generator().manual_seed(1)
+    ent = torch.rand(3, 5, 7, generator=g)
+    ent[0, 0, :4] = ent[1, 1, 1]  # ties
+    valid = torch.rand(3, 5, 7, generator=g) > 0.2
+    valid[0, 0, :4] = valid[1, 1, 1] = True
+    for pct in (0.0, 37.5, 80.0, 100.0):
+        thresh = percentiles(ent, valid, [pct])[0]
+        assert float(thresh) == pytest.approx(float(np.percentile(ent[valid].numpy(), pct)), abs=1e-6)
+        keep = keep_low_entropy(ent, pct, valid, scope="batch")
+        assert torch.equal(keep, valid & (ent < thresh)), pct
+    # A percentile that lands exactly on the tied value: all five tied pixels go, those below stay.
+    tie, v = ent[1, 1, 1], ent[valid]
+    keep = keep_low_entropy(ent, 100.0 * int((v < tie).sum()) / (v.numel() - 1), valid)
+    assert not keep[0, 0, :4].any() and not keep[1, 1, 1] and torch.equal(keep, valid & (ent < tie))
+
+
+def test_reliable_split_takes_the_lowest_and_highest_alpha_percent() -> None:
+    ent = torch.arange(10, dtype=torch.float32).view(1, 2, 5)
+    valid = torch.ones(1, 2, 5, dtype=torch.bool)
+    valid[0, 1, 4] = False  # entropy 9 is ignored: the valid ones are 0..8
+    reliable, unreliable = reliable_split(ent, valid, 25.0)  # percentiles 2 and 6 of 0..8
+    assert ent[reliable].tolist() == [0.0, 1.0, 2.0] and ent[unreliable].tolist() == [6.0, 7.0, 8.0]
+    reliable0, unreliable0 = reliable_split(ent, valid, 0.0)  # alpha_t = 0: only the extremes
+    assert ent[reliable0].tolist() == [0.0] and ent[unreliable0].tolist() == [8.0]
 
 
 def test_unsup_loss_with_nothing_kept_is_zero_but_keeps_the_graph() -> None:
     logits = torch.randn(1, 3, 2, 2, requires_grad=True)
-    loss, keep = unsup_loss(logits, torch.full((1, 2, 2), 255), torch.zeros(1, 2, 2), torch.tensor(1.0))
-    assert float(loss.detach()) == 0.0 and not keep.any()
+    loss = unsup_loss(logits, torch.full((1, 2, 2), 255), torch.zeros(1, 2, 2, dtype=torch.bool))
+    assert float(loss.detach()) == 0.0
     loss.backward()
     assert logits.grad is not None
 
@@ -196,55 +227,6 @@ def test_rank_windows_pick_labeled_confusions_and_unreliable_unlabeled_negatives
     assert anchor.nonzero().tolist() == [[2, 0]]  # prob 0.3 is not > delta_p = 0.3
     _, _, neg_n = contrastive_masks(label, prob, reliable, unreliable, is_labeled, 0.3, 0.15, 2, 4)
     assert neg_n[1].tolist() == [False, False, False, True]  # delta_n filters prob >= 0.15
-
-
-def test_negative_mask_code_keeps_only_unreliable_pixels_whose_pseudo_label_is_the_class() -> None:
-    # 4 classes, rank window [low_rank, high_rank) = [2, 4); every pixel is reliable or unreliable
-    # as marked, delta_n = 1 (no filter).
-    prob = torch.tensor([
-        [0.50, 0.30, 0.15, 0.05],  # ranks c0..c3 = 0 1 2 3
-        [0.10, 0.40, 0.30, 0.20],  # ranks 3 0 1 2: c0 and c3 in the window
-        [0.40, 0.30, 0.20, 0.10],  # ranks 0 1 2 3: c2 and c3 in the window
-        [0.10, 0.20, 0.30, 0.40],  # ranks 3 2 1 0: c0 and c1 in the window
-        [0.50, 0.30, 0.15, 0.05],
-    ])
-    label = torch.tensor([0, 0, 1, 0, 255])
-    is_labeled = torch.tensor([True, False, False, False, True])
-    unreliable = torch.tensor([True, True, True, False, False])
-    reliable = ~unreliable
-    args = (label, prob, reliable, unreliable, is_labeled, 0.3, 1.0, 2, 4, 255)
-    _, _, paper = contrastive_masks(*args)
-    _, _, code = contrastive_masks(*args, negative_mask="code")
-    # Paper, by hand: pixel 0 (labeled, GT 0): top-2 = {0, 1}, minus its label -> {1};
-    # pixel 1 (unreliable, pseudo 0): window classes {0, 3}; pixel 2 (unreliable, pseudo 1): {2, 3};
-    # pixel 3 is reliable, pixel 4 is ignored -> nothing.
-    assert paper.nonzero().tolist() == [[0, 1], [1, 0], [1, 3], [2, 2], [2, 3]]
-    # Code = paper x one-hot(label): pixel 0's label 0 is not a negative there (nothing labeled
-    # survives), pixel 1 keeps class 0 (its pseudo-label), pixel 2's pseudo-label 1 is not in its
-    # window -> only (1, 0).
-    assert code.nonzero().tolist() == [[1, 0]]
-    assert torch.equal(code, paper & F.one_hot(label.clamp(max=3), 4).bool() & (label != 255)[:, None])
-    with pytest.raises(ValueError, match="negative_mask"):
-        contrastive_masks(*args, negative_mask="official")
-
-
-def test_negative_mask_code_leaves_the_queues_almost_empty_with_one_teacher_pass() -> None:
-    # The pseudo-label is the same pass's argmax (rank 0), so "code" negatives can only come from
-    # the stride-4 resampling (nearest labels vs bilinear probabilities) disagreeing.
-    torch.manual_seed(0)
-    fills = {}
-    for mode in ("paper", "code"):
-        overrides = [*FAST, "u2pl.sup_only_iters=1", "u2pl.delta_p=0.0", f'u2pl.negative_mask="{mode}"']
-        m = build_method(make_cfg("u2pl", overrides=overrides), 4)
-        m.train()
-        with torch.no_grad():
-            m.model.classifier[-1].weight.mul_(100.0)
-        lab, unl = batches_for(m, 4)
-        losses = m.training_step(lab, unl, 1)
-        assert all(torch.isfinite(v) for v in losses.values()), losses
-        fills[mode] = int(m.bank.fill.sum())
-    # paper: the queues fill up (288 slots); code: a handful of keys at most (0 or 1 in practice).
-    assert fills["paper"] > 100 and fills["code"] * 20 <= fills["paper"], fills
 
 
 def test_sample_anchors_draws_with_replacement_within_each_class() -> None:
@@ -349,10 +331,10 @@ def test_labeled_keys_decides_what_the_teacher_sees(labeled_keys: str) -> None:
         assert torch.allclose(seen["prob_l"], torch.softmax(student_out[0]["logits"][:2].detach(), 1))
 
 
-@pytest.mark.parametrize("photometric", [False, True])
-def test_strong_photometric_perturbs_only_the_students_unlabeled_view(photometric: bool) -> None:
+def test_cutmix_is_the_only_strong_augmentation() -> None:
+    """As the paper: with CutMix off the student sees the very images the teacher labeled."""
     torch.manual_seed(0)
-    overrides = [*FAST, "u2pl.sup_only_iters=1", "u2pl.cutmix_prob=0.0", f"u2pl.strong_photometric={str(photometric).lower()}"]
+    overrides = [*FAST, "u2pl.sup_only_iters=1", "u2pl.cutmix_prob=0.0"]
     m = build_method(make_cfg("u2pl", overrides=overrides), 4)
     m.train()
     seen: dict[str, torch.Tensor] = {}
@@ -363,8 +345,7 @@ def test_strong_photometric_perturbs_only_the_students_unlabeled_view(photometri
     n_l = lab["image"].shape[0]
     assert torch.equal(seen["teacher"][n_l:], unl["image"])  # pseudo-labels from the weak view
     assert torch.equal(seen["student"][:n_l], lab["image"])  # the labeled half is never perturbed
-    same = torch.equal(seen["student"][n_l:], unl["image"])
-    assert same != photometric
+    assert torch.equal(seen["student"][n_l:], unl["image"])
 
 
 def test_warmup_runs_no_teacher_and_evaluates_the_student() -> None:
@@ -444,89 +425,55 @@ def test_without_reset_the_teacher_still_starts_the_semi_phase_as_the_student() 
         run(step, check)
 
 
-def test_align_distribution_scales_by_the_prior_ratio_and_renormalises() -> None:
-    # Two pixels, two classes; the teacher predicts class 0 four times as often as the labels do.
-    prob = torch.tensor([[0.5, 0.8], [0.5, 0.2]]).view(1, 2, 1, 2)
-    target, current = torch.tensor([0.5, 0.5]), torch.tensor([0.8, 0.2])
-    out = align_distribution(prob, target, current)
-    # ratio (0.625, 2.5): (0.3125, 1.25) / 1.5625 and (0.5, 0.5) / 1.0
-    assert torch.allclose(out.view(2, 2).T, torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
-    assert torch.allclose(out.sum(1), torch.ones(1, 1, 2))
-    assert torch.allclose(align_distribution(prob, current, current), prob)  # aligned already
+# ----------------------------------------------------------------------------- prior adjustment (not in the paper)
 
 
-def test_distribution_alignment_tracks_label_and_teacher_priors_and_is_saved() -> None:
-    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=1", 'u2pl.pseudo_label_align="distribution"', "u2pl.align_momentum=0.5")
-    lab, unl = batches_for(m, 4)
-    counts = torch.bincount(lab["mask"][lab["mask"] != 255].flatten(), minlength=4).double()
-    run(0)  # warm-up: labels counted, no teacher yet
-    assert torch.equal(m.label_counts, counts) and not m.pred_prior.any()
-    seen: list[torch.Tensor] = []
-    m.teacher.register_forward_hook(lambda mod, args, out: seen.append(torch.softmax(out["logits"], 1).mean((0, 2, 3))))
-    run(1)  # first semi step: the prior is the teacher's mean prediction on this batch
-    assert torch.equal(m.label_counts, 2 * counts)
-    assert torch.allclose(m.pred_prior, seen[0], atol=1e-6)
-    run(2)  # then an EMA with the momentum
-    assert torch.allclose(m.pred_prior, 0.5 * seen[0] + 0.5 * seen[1], atol=1e-6)
-    target = counts / counts.sum()
-    ratios = m.extra_log()
-    assert ratios["align_ratio/c1"] == pytest.approx(float(target[1] / m.pred_prior[1]), rel=1e-5)
-    assert {"label_counts", "pred_prior"} <= m.state_dict().keys()
-    # Off (the paper): no such state, so checkpoints keep the keys they always had.
-    plain = build_method(make_cfg("u2pl", overrides=FAST), 4)
-    assert not {"label_counts", "pred_prior"} & plain.state_dict().keys()
+def _hook(label_prior: list[float], pl_prior: list[float]) -> PriorAdjustment:
+    h = PriorAdjustment(len(label_prior))
+    h.label_counts.copy_(torch.tensor(label_prior, dtype=torch.float64) * 1000)
+    h.pl_prior.copy_(torch.tensor(pl_prior))
+    return h
 
 
-def test_distribution_alignment_turns_an_under_predicted_class_into_pseudo_labels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pseudo-labels (and their accuracy log) come from the aligned probabilities: once the
-    labels say a class is common that the teacher rarely predicts, it takes over."""
-    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=0", 'u2pl.pseudo_label_align="distribution"', "u2pl.teacher_reset=false")
-    lab, unl = batches_for(m, 4)
-    m.teacher.reset(m.model)  # what the step does first (sup_only_iters=0)
-    with torch.no_grad():
-        plain = m.teacher(unl["image"])["logits"].argmax(1)  # the teacher's labels without alignment
-    rare = int(torch.bincount(plain.flatten(), minlength=4).argmin())
-    prior = torch.ones(4, dtype=torch.float64)
-    prior[rare] = 97.0
-    m.label_counts.copy_(prior * 1e9)  # dwarfs this batch's own label counts
-    captured: dict = {}
-    from semiseg_cli.methods import u2pl as u2pl_module
-
-    real = u2pl_module._pseudo_label_accuracy
-
-    def spy(unlabeled, pl_u, *rest):  # type: ignore[no-untyped-def]
-        captured["pl"] = pl_u.clone()
-        return real(unlabeled, pl_u, *rest)
-
-    monkeypatch.setattr(u2pl_module, "_pseudo_label_accuracy", spy)
-    m.training_step(lab, unl, 0)
-    share = lambda pl: float((pl == rare).float().mean())  # noqa: E731
-    assert share(plain) < 0.25 and share(captured["pl"]) > 0.5
+def test_prior_adjustment_offsets_are_log_pseudo_label_prior_minus_log_label_prior() -> None:
+    assert torch.allclose(_hook([0.4, 0.6], [0.1, 0.9]).offsets(), torch.tensor([math.log(0.25), math.log(1.5)]))
+    assert torch.allclose(_hook([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]).offsets(), torch.zeros(3), atol=1e-6)  # no shift
+    assert _hook([0.5, 0.5], [0.5, 0.5]).offsets().dtype == torch.float32
 
 
-def test_unsup_loss_adds_the_prior_adjustment_to_every_pixels_logits() -> None:
-    # Two classes, zero logits, target 0: the adjustment (0, ln 3) makes the softmax (1/4, 3/4).
+def test_prior_adjustment_counts_labels_and_keeps_an_ema_of_the_kept_pseudo_labels() -> None:
+    h = PriorAdjustment(3, momentum=0.5)
+    h.count_labels(torch.tensor([[0, 0, 1, 255, 7]]))  # ignore and out-of-range labels are not counted
+    assert h.label_counts.tolist() == [2.0, 1.0, 0.0] and h.label_counts.dtype == torch.float64
+    pl = torch.tensor([[0, 1, 1, 2]])
+    h.update(pl, torch.tensor([[True, True, True, False]]))  # the first batch sets the prior
+    first = torch.tensor([1 / 3, 2 / 3, 0.0])
+    assert torch.allclose(h.pl_prior, first)
+    h.update(torch.tensor([[2, 2, 0, 1]]), torch.tensor([[True, True, False, False]]))  # then an EMA
+    assert torch.allclose(h.pl_prior, 0.5 * first + 0.5 * torch.tensor([0.0, 0.0, 1.0]))
+    before = h.pl_prior.clone()
+    h.update(pl, torch.zeros(1, 4, dtype=torch.bool))  # nothing kept: left as it is
+    assert torch.equal(h.pl_prior, before)
+
+
+def test_unsup_loss_adds_the_offsets_to_every_pixels_logits() -> None:
+    # Two classes, zero logits, target 0, every pixel kept (so the official re-weighting is 1):
+    # the offsets (0, ln 3) make the softmax (1/4, 3/4).
     logits = torch.zeros(1, 2, 1, 2)
     target = torch.zeros(1, 1, 2, dtype=torch.long)
-    ent = torch.zeros(1, 1, 2)
+    keep = torch.ones(1, 1, 2, dtype=torch.bool)
     adjust = torch.tensor([0.0, math.log(3.0)])
-    loss, _ = unsup_loss(logits, target, ent, torch.tensor(1.0), "mean", 255, adjust)
-    assert loss.item() == pytest.approx(math.log(4.0), rel=1e-6)
-    assert unsup_loss(logits, target, ent, torch.tensor(1.0), "mean")[0].item() == pytest.approx(math.log(2.0))
-    # Equal priors: no shift at all.
-    pri = torch.tensor([0.2, 0.3, 0.5])
-    assert torch.equal(prior_adjustment(pri, pri), torch.zeros(3))
-    assert torch.allclose(prior_adjustment(torch.tensor([0.1, 0.9]), torch.tensor([0.4, 0.6])),
-                          torch.tensor([math.log(0.25), math.log(1.5)]))
+    assert unsup_loss(logits, target, keep, 255, adjust).item() == pytest.approx(math.log(4.0), rel=1e-6)
+    assert unsup_loss(logits, target, keep).item() == pytest.approx(math.log(2.0))
 
 
 def test_prior_adjustment_makes_the_loss_fit_the_labeled_prior_not_the_pseudo_labels() -> None:
     """Targets drawn with the pseudo-labels' frequencies (class 2 rare): plain CE learns those
-    frequencies; with the adjustment the raw logits' softmax learns the labeled prior instead."""
-    source = torch.tensor([0.6, 0.38, 0.02])  # kept pseudo-labels
-    target = torch.tensor([0.5, 0.3, 0.2])  # labeled pixels
-    labels = torch.cat([torch.full((int(n),), c) for c, n in enumerate(source * 1000)]).view(1, 1, -1)
-    ent = torch.zeros(labels.shape, dtype=torch.float32)
+    frequencies; with the offsets the raw logits' softmax learns the labeled prior instead."""
+    source = [0.6, 0.38, 0.02]  # kept pseudo-labels
+    target = [0.5, 0.3, 0.2]  # labeled pixels
+    labels = torch.cat([torch.full((int(round(n * 1000)),), c) for c, n in enumerate(source)]).view(1, 1, -1)
+    keep = torch.ones(labels.shape, dtype=torch.bool)
 
     def fit(adjust: torch.Tensor | None) -> torch.Tensor:
         z = torch.zeros(3, requires_grad=True)
@@ -535,46 +482,111 @@ def test_prior_adjustment_makes_the_loss_fit_the_labeled_prior_not_the_pseudo_la
         def closure() -> torch.Tensor:
             opt.zero_grad()
             logits = z.view(1, 3, 1, 1).expand(1, 3, 1, labels.shape[-1])
-            loss = unsup_loss(logits, labels, ent, torch.tensor(1.0), "mean", 255, adjust)[0]
+            loss = unsup_loss(logits, labels, keep, 255, adjust)
             loss.backward()
             return loss
 
         opt.step(closure)
         return torch.softmax(z.detach(), 0)
 
-    assert torch.allclose(fit(None), source, atol=1e-3)
-    assert torch.allclose(fit(prior_adjustment(source, target)), target, atol=1e-3)
+    assert torch.allclose(fit(None), torch.tensor(source), atol=1e-3)
+    assert torch.allclose(fit(_hook(target, source).offsets()), torch.tensor(target), atol=1e-3)
 
 
-def test_prior_adjustment_tracks_the_kept_pseudo_labels_and_is_saved(monkeypatch: pytest.MonkeyPatch) -> None:
-    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=1", "u2pl.unsup_prior_adjust=true", "u2pl.align_momentum=0.5")
+def _spy_unsup_loss(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     from semiseg_cli.methods import u2pl as u2pl_module
 
     real, seen = u2pl_module.unsup_loss, []
 
-    def spy(logits, target, ent, thresh, norm, ignore, adjust=None):  # type: ignore[no-untyped-def]
-        loss, keep = real(logits, target, ent, thresh, norm, ignore, adjust)
-        freq = torch.bincount(target[keep].flatten(), minlength=4).float()
-        seen.append((freq / freq.sum(), adjust.clone()))
-        return loss, keep
+    def spy(logits, target, keep, ignore, adjust=None):  # type: ignore[no-untyped-def]
+        loss = real(logits, target, keep, ignore, adjust)
+        seen.append(dict(logits=logits.detach().clone(), target=target, keep=keep, adjust=adjust, loss=loss.detach()))
+        return loss
 
     monkeypatch.setattr(u2pl_module, "unsup_loss", spy)
+    return seen
+
+
+def test_without_the_hook_the_unsupervised_loss_is_the_papers_and_with_it_only_the_offsets_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = _spy_unsup_loss(monkeypatch)
+    common = [*FAST, "u2pl.sup_only_iters=0", "u2pl.teacher_reset=false", "u2pl.contrastive=false"]
+    runs = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = build_method(make_cfg("u2pl", overrides=[*common, f"u2pl.unsup_prior_adjust={str(on).lower()}"]), 4)
+        m.train()
+        assert (m.prior_adjust is not None) == on
+        lab, unl = batches_for(m, 4)
+        torch.manual_seed(1)
+        runs[on] = m.training_step(lab, unl, 0)
+    off, on = seen
+    # Off: no offsets, and the loss is the official normalisation of the CE on the kept pixels.
+    assert off["adjust"] is None
+    tgt = torch.where(off["keep"], off["target"], torch.full_like(off["target"], 255))
+    ce = F.cross_entropy(off["logits"], tgt, ignore_index=255, reduction="none")[off["keep"]]
+    kept = off["keep"].sum()
+    assert torch.allclose(runs[False]["loss_unsup"], ce.sum() / kept * (off["target"].numel() / kept), rtol=1e-6)
+    # On: the same student, pseudo-labels and drop; the offsets are log(pi_pl) - log(pi_lab) of
+    # this first semi-supervised batch (kept pseudo-labels vs labeled pixels).
+    assert torch.equal(on["logits"], off["logits"]) and torch.equal(on["keep"], off["keep"])
+    assert torch.equal(runs[True]["loss_sup"], runs[False]["loss_sup"])
+    pi_pl = torch.bincount(on["target"][on["keep"]], minlength=4).double()
+    pi_lab = torch.bincount(lab["mask"][lab["mask"] != 255], minlength=4).double()
+    want = torch.log((pi_pl / pi_pl.sum()).float().clamp_min(1e-6)) - torch.log((pi_lab / pi_lab.sum()).float().clamp_min(1e-6))
+    assert torch.allclose(on["adjust"], want, atol=1e-6)
+    adjusted = F.cross_entropy(on["logits"] + want.view(1, -1, 1, 1), tgt, ignore_index=255, reduction="none")[on["keep"]]
+    assert torch.allclose(runs[True]["loss_unsup"], adjusted.sum() / kept * (on["target"].numel() / kept), rtol=1e-6)
+
+
+def test_prior_adjustment_tracks_the_kept_pseudo_labels_and_is_saved(monkeypatch: pytest.MonkeyPatch) -> None:
+    m, run, _, _ = _teacher_run("u2pl.sup_only_iters=1", "u2pl.unsup_prior_adjust=true")
+    m.prior_adjust.momentum = 0.5
+    seen = _spy_unsup_loss(monkeypatch)
     lab, _ = batches_for(m, 4)
     counts = torch.bincount(lab["mask"][lab["mask"] != 255].flatten(), minlength=4).double()
+
+    def kept_freq(call: dict[str, Any]) -> torch.Tensor:
+        f = torch.bincount(call["target"][call["keep"]], minlength=4).float()
+        return f / f.sum()
+
     run(0)  # warm-up: labels counted, no pseudo-labels yet
-    assert not m.pl_prior.any() and not seen
+    assert torch.equal(m.prior_adjust.label_counts, counts) and not m.prior_adjust.pl_prior.any() and not seen
+    assert "prior_adjust/c1" not in m.extra_log()
     run(1)  # first semi step: the prior is this batch's kept pseudo-label frequencies
-    assert torch.allclose(m.pl_prior, seen[0][0], atol=1e-6)
+    assert torch.equal(m.prior_adjust.label_counts, 2 * counts)
+    assert torch.allclose(m.prior_adjust.pl_prior, kept_freq(seen[0]), atol=1e-6)
     label_prior = (counts / counts.sum()).float()
-    assert torch.allclose(seen[0][1], prior_adjustment(seen[0][0], label_prior), atol=1e-5)
+    assert torch.allclose(seen[0]["adjust"], torch.log(kept_freq(seen[0]).clamp_min(1e-6)) - torch.log(label_prior.clamp_min(1e-6)), atol=1e-5)
     run(2)  # then an EMA with the momentum, and the loss uses the updated prior
-    assert torch.allclose(m.pl_prior, 0.5 * seen[0][0] + 0.5 * seen[1][0], atol=1e-6)
-    assert torch.allclose(seen[1][1], prior_adjustment(m.pl_prior, label_prior), atol=1e-5)
-    shift = m.extra_log()
-    assert shift["prior_adjust/c1"] == pytest.approx(float(seen[1][1][1]), rel=1e-4, abs=1e-6)
-    assert {"label_counts", "pl_prior"} <= m.state_dict().keys() and "pred_prior" not in m.state_dict()
-    plain = build_method(make_cfg("u2pl", overrides=FAST), 4)
-    assert "pl_prior" not in plain.state_dict()
+    assert torch.allclose(m.prior_adjust.pl_prior, 0.5 * kept_freq(seen[0]) + 0.5 * kept_freq(seen[1]), atol=1e-6)
+    assert torch.equal(seen[1]["adjust"], m.prior_adjust.offsets())
+    assert m.extra_log()["prior_adjust/c1"] == pytest.approx(float(seen[1]["adjust"][1]), rel=1e-6)
+    state = m.state_dict()
+    assert {"prior_adjust.label_counts", "prior_adjust.pl_prior"} <= state.keys()
+    plain = build_method(make_cfg("u2pl", overrides=FAST), 4)  # off (the paper): no such state
+    assert not any(k.startswith("prior_adjust.") or k in ("label_counts", "pl_prior") for k in plain.state_dict())
+    # Checkpoints written before the hook was a module kept its buffers on the method: they load.
+    old = {k.removeprefix("prior_adjust."): v for k, v in state.items()}
+    fresh, _, _, _ = _teacher_run("u2pl.sup_only_iters=1", "u2pl.unsup_prior_adjust=true")
+    fresh.load_state_dict(old)  # strict
+    assert torch.equal(fresh.prior_adjust.pl_prior, m.prior_adjust.pl_prior)
+    assert torch.equal(fresh.prior_adjust.label_counts, m.prior_adjust.label_counts)
+
+
+# ----------------------------------------------------------------------------- removed options
+
+
+def test_removed_options_load_at_the_behaviour_that_remains_and_are_refused_otherwise() -> None:
+    for key, kept in U2PLParams.REMOVED.items():
+        assert key not in U2PLParams.model_fields
+        assert key not in U2PLParams.model_validate({key: kept}).model_dump()  # older checkpoints' configs
+    with pytest.raises(UserError, match=r"u2pl\.negative_mask = 'code' was removed .*delete the key"):
+        build_config(None, ['u2pl.negative_mask="code"'], "u2pl")
+    with pytest.raises(UserError, match=r"u2pl\.pseudo_label_align = 'distribution' was removed"):
+        build_config(None, ['u2pl.pseudo_label_align="distribution"'], "u2pl")
+    assert build_config(None, ["u2pl.ema_buffers=true", "u2pl.align_momentum=0.99"], "u2pl").u2pl == U2PLParams()
 
 
 def test_ema_decay_schedule_caps_at_the_configured_decay() -> None:

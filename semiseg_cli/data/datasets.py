@@ -130,8 +130,11 @@ class SegDataset(Dataset):
         tags = self._tags(img_rel, mask if has_mask else None)
         if self.resize != 1.0:
             image, mask = _rescale(image, mask, self.resize)
-        x, y = self.transform(image, mask)
-        return {"image": x, "mask": y, "has_mask": has_mask, "tags": tags, "name": img_rel, "index": i}
+        x, y, *valid = self.transform(image, mask)  # training crops also say where the image is
+        item = {"image": x, "mask": y, "has_mask": has_mask, "tags": tags, "name": img_rel, "index": i}
+        if valid:
+            item["valid"] = valid[0]
+        return item
 
     def _tags(self, img_rel: str, mask: np.ndarray | None) -> torch.Tensor:
         out = torch.zeros(self.layout.num_classes)

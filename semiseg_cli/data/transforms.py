@@ -117,6 +117,8 @@ class TrainTransform:
 
     `crop_size` is (height, width). Padding uses the mean colour for the image, so padded pixels
     are 0 after normalisation, and `ignore_index` for the mask, so they never count in the loss.
+    Returns (image, mask, valid): `valid` (H,W bool) is False on the padding, for methods that
+    make their own labels (DuPL's CAM pseudo-labels must not cover pixels outside the image).
     """
 
     def __init__(
@@ -135,17 +137,24 @@ class TrainTransform:
         self.ignore_index = ignore_index
         self.fill = tuple(int(round(255 * m)) for m in self.mean)
 
-    def __call__(self, image: Image.Image, mask: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, image: Image.Image, mask: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         image = image.convert("RGB")
         if mask is not None and mask.shape != (image.size[1], image.size[0]):
             raise ValueError(f"mask {mask.shape} and image {image.size[::-1]} differ in size")
         img, msk = self._scale(image, mask)
+        h, w = img.shape[:2]
         img, msk = self._pad(img, msk)
-        img, msk = self._crop(img, msk)
+        img, msk, (top, left) = self._crop(img, msk)
+        ch, cw = self.crop
+        valid = np.zeros((ch, cw), bool)
+        valid[: max(0, h - top), : max(0, w - left)] = True
         if self.flip and random.random() < 0.5:
             img = img[:, ::-1]
             msk = None if msk is None else msk[:, ::-1]
-        return to_tensor(img, self.mean, self.std), mask_to_tensor(msk)
+            valid = valid[:, ::-1]
+        return to_tensor(img, self.mean, self.std), mask_to_tensor(msk), torch.from_numpy(valid.copy())
 
     def _scale(self, image: Image.Image, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         s = random.uniform(*self.scale_range)
@@ -172,9 +181,11 @@ class TrainTransform:
         m[:h, :w] = mask
         return out, m
 
-    def _crop(self, img: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _crop(
+        self, img: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
         ch, cw = self.crop
         h, w = img.shape[:2]
         top, left = random.randint(0, h - ch), random.randint(0, w - cw)
         img = img[top : top + ch, left : left + cw]
-        return img, None if mask is None else mask[top : top + ch, left : left + cw]
+        return img, None if mask is None else mask[top : top + ch, left : left + cw], (top, left)

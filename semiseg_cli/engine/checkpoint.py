@@ -135,7 +135,11 @@ def load_for_inference(
     else:
         state = ckpt["inference_state"]
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise UserError(f"{path} does not match its own config ({len(missing)} missing tensors, e.g. {missing[0]}); was it written by another semiseg version?")
+    if missing or unexpected:
+        what = f"{len(missing)} missing tensors, e.g. {missing[0]}" if missing else f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}"
+        raise UserError(
+            f"{path} does not match the network its config builds ({what}); it was written by another semiseg "
+            "version: evaluate it with that version, or retrain"
+        )
     model.to(device).eval()
     return model, cfg, ckpt

@@ -9,7 +9,6 @@ message (and the last good checkpoint kept) when the loss stops being finite.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -24,12 +23,14 @@ from torch import nn
 from semiseg_cli.config import config_to_toml
 from semiseg_cli.engine import distributed
 from semiseg_cli.engine.device import resolve_device
-from semiseg_cli.engine.setup import check_run_config, check_run_dir
+from semiseg_cli.engine.run_data import RunData, build_data
+from semiseg_cli.engine.run_folder import MetricLog, RunFolder
+from semiseg_cli.engine.setup import check_run_config
 from semiseg_cli.engine.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from semiseg_cli.engine.loaders import eval_loader, infinite_loader, to_device
 from semiseg_cli.errors import UserError, flush_warnings
 from semiseg_cli.inference import InferenceSettings, evaluate
-from semiseg_cli.io import clean_stale_temps, write_text
+from semiseg_cli.io import write_text
 from semiseg_cli.methods import Method, get_method
 from semiseg_cli.methods.base import TrainContext
 
@@ -54,94 +55,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------- data pools
-
-
-def resolve_pools(cfg: Any, layout: Any, uses_tags: bool) -> tuple[list, list]:
-    """(labeled, unlabeled) pairs: split files, a split drawn now from a fraction, or all."""
-    from semiseg_cli.data.splits import draw_split, read_split_file, widen_unlabeled
-
-    d = cfg.data
-    if d.labeled_list:
-        labeled = read_split_file(d.labeled_list, layout.root)
-        unlabeled = read_split_file(d.unlabeled_list, layout.root) if d.unlabeled_list else []
-    elif d.labeled:
-        labeled, unlabeled = draw_split(layout.list_pairs(d.train_split), d.labeled, d.split_seed)
-        if d.unlabeled_split and d.unlabeled_split != d.train_split:
-            unlabeled = widen_unlabeled(labeled, unlabeled, layout.list_pairs(d.unlabeled_split))
-    else:
-        labeled, unlabeled = layout.list_pairs(d.train_split), []
-    if uses_tags:  # weak supervision: every training image, tags only
-        labeled, unlabeled = sorted(set(labeled) | set(unlabeled)), []
-    return labeled, unlabeled
-
-
 def _hide_masks(batch: dict[str, Any]) -> dict[str, Any]:
     """Weakly supervised methods never see masks: ground truth moves to `gt_mask` (metrics only)."""
     batch = dict(batch)
     batch["gt_mask"] = batch.pop("mask")
     return batch
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.toml")
-
-
-class RunFolder:
-    """The run folder's life: created (or cleared with --overwrite) only after every check has
-    passed, and emptied again if the run fails before its first checkpoint, so a failed start
-    leaves nothing behind and the same command can simply be rerun. From the first checkpoint on,
-    a failed run keeps its folder: `--resume` continues from `last.pt`."""
-
-    def __init__(self, path: Path, resume: bool, overwrite: bool, main: bool) -> None:
-        self.path, self.resume, self.main = path, resume, main
-        self.created = False
-        self.checkpointed = False
-        if not main:
-            return
-        check_run_dir(path, resume, overwrite)
-        self.created = not path.exists()
-        if not resume and path.exists():
-            for name in RUN_FILES:
-                (path / name).unlink(missing_ok=True)
-        path.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(path)  # left by a run killed mid-write
-
-    def discard_failed_start(self) -> None:
-        if not self.main or self.resume or self.checkpointed:
-            return
-        for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
-        clean_stale_temps(self.path)
-        if self.created:
-            try:
-                self.path.rmdir()
-            except OSError:
-                pass
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check, then (with --overwrite) clear the previous run's files and create the folder."""
-    RunFolder(run_dir, resume, overwrite, True)
-
-
-class MetricLog:
-    """Append-only JSONL log; on resume, records past the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            write_text(path, "".join(k + "\n" for k in keep))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------- DDP handling
@@ -209,50 +127,6 @@ def _advice(lr: float) -> str:
 
 
 # --------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class RunData:
-    layout: Any
-    ds_l: Any
-    ds_u: Any
-    ds_val: Any
-
-
-def build_data(cfg: Any, method_cls: type[Method]) -> RunData:
-    """The run's datasets, after every file they use has been read once and found sound."""
-    from semiseg_cli.data import build_dataset, get_layout, load_tags
-    from semiseg_cli.data.checks import check_tags, check_training_data
-
-    layout = get_layout(cfg.data.dataset, cfg.data.root)
-    labeled, unlabeled = resolve_pools(cfg, layout, method_cls.uses_tags)
-    if method_cls.uses_unlabeled and not unlabeled:
-        raise UserError(
-            f"method {cfg.method} needs unlabeled images but the split leaves none; pass --labeled 1/8 "
-            "(or data.unlabeled_list) so part of the training pool is unlabeled"
-        )
-    val_pairs = layout.list_pairs(cfg.data.val_split)
-    tags = None
-    if method_cls.uses_tags and cfg.data.tags_file:  # the user's tags must cover every training image
-        tags = load_tags(cfg.data.tags_file, layout.num_classes, [img for img, _ in labeled])
-    report = check_training_data(
-        layout, labeled, unlabeled if method_cls.uses_unlabeled else [], val_pairs,
-        labeled_needs_masks=tags is None, val_split=cfg.data.val_split,
-        labeled_batch=cfg.data.batch_size,
-        unlabeled_batch=(cfg.data.unlabeled_batch_size or cfg.data.batch_size) if method_cls.uses_unlabeled else None,
-    )
-    if method_cls.uses_tags:
-        if tags is None:
-            tags_now = {img: [c for c in ids if c not in layout.tag_exclude] for img, ids in report.labeled_present.items()}
-        else:
-            tags_now = tags
-        check_tags(tags_now, [img for img, _ in labeled], layout.class_names)
-    ds_l = build_dataset(cfg.data, labeled, train=True)
-    if tags is not None:
-        ds_l.tags = tags
-    ds_u = build_dataset(cfg.data, unlabeled, train=True) if method_cls.uses_unlabeled else None
-    ds_val = build_dataset(cfg.data, val_pairs, train=False)
-    return RunData(layout, ds_l, ds_u, ds_val)
 
 
 def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any = None, progress: bool = True) -> TrainResult:
@@ -402,7 +276,7 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
         if main:
             console.print(f"[yellow]{folder.path} already finished {start} of {total} iterations; nothing to train")
         # A finished run whose final validation failed (after last.pt was written) validates now.
-        last_metrics = None if _validated_at(run.log.path, start) else validate(run, start)
+        last_metrics = None if run.log.has_validation(start) else validate(run, start)
         return TrainResult(folder.path, start, run.best, last_metrics, method)
 
     accum = cfg.train.grad_accum
@@ -508,19 +382,6 @@ def _train_step(method: Method, specs: list, it_l: Any, it_u: Any, device: torch
             s, c = out.get(k, (0.0, 0))
             out[k] = (s + v, c + 1)  # type: ignore[assignment]
     return out
-
-
-def _validated_at(log_path: Path, step: int) -> bool:
-    if not log_path.is_file():
-        return False
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step") == step and "val_mIoU" in rec:
-            return True
-    return False
 
 
 def _diverged(run_dir: Path, step: int, losses: dict[str, torch.Tensor], lr: float) -> None:

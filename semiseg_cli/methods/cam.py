@@ -245,11 +245,15 @@ def refine_pseudo_labels(
 
 
 @torch.no_grad()
-def pseudo_label_stats(label: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_label_stats(
+    label: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore: int = IGNORE, inside: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mIoU of pseudo-labels against ground truth, fraction of pixels with a pseudo-label).
 
     Pixels ignored in either map are left out of the confusion matrix; classes absent from both
-    the pseudo-labels and the ground truth of this batch are left out of the mean.
+    the pseudo-labels and the ground truth of this batch are left out of the mean. `inside`
+    (B, H, W) bool: the pixels of the image proper; the fraction is taken over those (crop
+    padding is never labelled).
     """
     labelled = label != ignore
     keep = labelled & (gt != ignore) & (gt >= 0) & (gt < num_classes)
@@ -260,4 +264,5 @@ def pseudo_label_stats(label: torch.Tensor, gt: torch.Tensor, num_classes: int, 
     union = mat.sum(0) + mat.sum(1) - tp
     present = union > 0
     miou = (tp[present] / union[present]).mean() if bool(present.any()) else torch.tensor(float("nan"), device=label.device)
-    return miou.float(), labelled.float().mean()
+    cover = labelled.float().mean() if inside is None else (labelled & inside).sum().float() / inside.sum().clamp_min(1)
+    return miou.float(), cover

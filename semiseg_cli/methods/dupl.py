@@ -1,35 +1,34 @@
 """DuPL: dual students with trustworthy progressive learning (CVPR 2024), image-level tags only.
 
 One training step, top to bottom (see docs/methods_dupl.md for paper-vs-code choices):
+0. The crop gets the official photometric augmentation (colour jitter, grayscale, blur); every
+   later stage, the CAMs included, sees this view.
 1. Each sub-net's CAMs (multi-scale + flip, normalised, tag-masked) become pseudo-labels:
    background below tau_l, foreground above tau_h (cosine 0.70 -> 0.55 after `seg_start`),
-   ignore between, after PAR refinement against the image.
+   ignore between, after PAR refinement against the image. Crop padding is ignore.
 2. One forward of both sub-nets (plus, once consistency is on, the strong view's segmentation).
 3. Classification: multilabel soft margin on both sub-nets' main and auxiliary classifiers.
    Discrepancy: push the two backbones' features apart, stop-gradient on the other branch.
 4. From `seg_start`: cross supervision, sub-net 1's labels train sub-net 2's head and vice versa.
    From `gmm_start`: before that, each label map loses the foreground pixels that a per-image
-   two-Gaussian fit of its own sub-net's losses calls noisy; and the ignored pixels get a
-   consistency loss (strong view vs. the clean view's confident predictions).
-
-`dupl.single_net` is the single-network weak baseline, not DuPL: only sub-net 1 exists, its head
-learns from its own pseudo-labels (no cross supervision) and there is no discrepancy loss; the
-other terms run as configured.
+   two-Gaussian fit of its own sub-net's losses calls noisy; and the ignored pixels of the image
+   get a consistency loss (strong view vs. the clean view's confident predictions).
 
 Masks never reach a loss: the loop moves them to `gt_mask`, used only to log the mIoU of the
-pseudo-labels. Class 0 is background; CAMs exist for classes 1..C-1.
+pseudo-labels. Class 0 is background; CAMs exist for classes 1..C-1. The batch's optional
+`valid` map (B, H, W) bool marks the pixels of the image proper (False on crop padding).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg_cli.data.transforms import denormalize
+from semiseg_cli.data.transforms import denormalize, normalize, strong_photometric
 from semiseg_cli.engine import distributed
 from semiseg_cli.errors import UserError, warn
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
@@ -89,10 +88,12 @@ def consistency_loss(
     clean_logits: torch.Tensor,
     peer_label: torch.Tensor,
     thresh: float = 0.9,
+    inside: torch.Tensor | None = None,
     ignore: int = IGNORE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CE of the strong view against the clean view's argmax, on pixels the peer's pseudo-label
     leaves ignored (uncertain or filtered) where the clean prediction is confident (> thresh).
+    `inside` (B, H, W) bool keeps crop padding out: it is ignored, but not for want of confidence.
 
     Both logits must be aligned with `peer_label` (B, H, W): flip the strong view back first.
     Returns (loss, mask); the loss is a sum over the mask divided by its size (0 if empty).
@@ -100,8 +101,24 @@ def consistency_loss(
     with torch.no_grad():
         conf, target = torch.softmax(clean_logits.detach().float(), 1).max(1)
         mask = (peer_label == ignore) & (conf > thresh)
+        if inside is not None:
+            mask = mask & inside
     ce = F.cross_entropy(strong_logits.float(), target, reduction="none")
     return (ce * mask).sum() / mask.sum().clamp_min(1), mask
+
+
+# ----------------------------------------------------------------------------- training view
+
+
+def training_view(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The official training view, one draw per image: ColorJitter(brightness 0.4, contrast 0.4,
+    saturation 0.2, hue 0.1) with p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2) p 1.0.
+
+    The official code has one training view and always augments it, so the CAMs, PAR and the
+    heads all see the augmented image. Brightness, contrast, saturation and hue are applied in
+    that fixed order (`strong_photometric`); torchvision's ColorJitter shuffles the order.
+    """
+    return strong_photometric(x, mean, std, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0)
 
 
 # ----------------------------------------------------------------------------- strong view
@@ -176,9 +193,33 @@ def strong_colour_augment(img01: torch.Tensor, n_ops: int = 5, magnitude: float 
     return x
 
 
-def flip_where(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-    """Horizontally flip the images whose flag is set (its own inverse)."""
-    return torch.where(flags.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+def strong_view(
+    img01: torch.Tensor, n_ops: int, magnitude: float, scale: float, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """The consistency view of images in [0, 1]: RandAugment colour ops, then a horizontal flip
+    (always, as the official code) and a resize by `scale`; normalised. Predictions on it must be
+    flipped back before they are compared with the clean view."""
+    s = normalize(strong_colour_augment(img01, n_ops, magnitude), mean, std).flip(-1)
+    if scale != 1.0:
+        h, w = s.shape[-2:]
+        s = F.interpolate(s, size=(max(1, int(h * scale)), max(1, int(w * scale))), mode="bilinear", align_corners=False)
+    return s
+
+
+def _upsample(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def inside_image(batch: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the pixels of the image proper, from the batch's `valid` map (False where
+    the training transform padded a scaled image up to the crop); all True without one."""
+    b, _, h, w = x.shape
+    valid = batch.get("valid")
+    if valid is None:
+        return torch.ones(b, h, w, dtype=torch.bool, device=x.device)
+    if tuple(valid.shape) != (b, h, w):
+        raise ValueError(f"batch['valid'] is {tuple(valid.shape)}, expected {(b, h, w)} like the images")
+    return valid.to(x.device, torch.bool)
 
 
 @contextmanager
@@ -212,8 +253,7 @@ class DuPL(Method):
     # ------------------------------------------------------------------ construction
     @classmethod
     def build_inference_model(cls, cfg: Any, num_classes: int) -> nn.Module:
-        """Both sub-networks (only sub-net 1 with `dupl.single_net`); `forward(x)` gives sub-net 1's
-        logits (or the mean, `dupl.inference`)."""
+        """Both sub-networks; `forward(x)` gives sub-net 1's logits (or the mean, `dupl.inference`)."""
         return build_dual_net(cfg, num_classes)
 
     @classmethod
@@ -249,13 +289,10 @@ class DuPL(Method):
         return [build_optimizer(distributed.unwrap(self.model), self.cfg.optim, total_iters)]
 
     # ------------------------------------------------------------------ schedules
-    def _total_iters(self) -> int:
-        return self.ctx.total_iters if self.ctx is not None else self.cfg.train.iters
-
     def tau_high(self, step: int, fg_tags: torch.Tensor) -> torch.Tensor:
         """The high threshold for each image (B,) at `step`."""
         p = self.cfg.dupl
-        total = self._total_iters()
+        total = self.total_iters()
         value = cosine_descent(p.tau_high_start, p.tau_high_end, step, p.seg_start, total)
         if not p.per_class_tau:
             return torch.full((fg_tags.shape[0],), value, device=fg_tags.device)
@@ -263,98 +300,92 @@ class DuPL(Method):
         return per_image_tau(per_cls, fg_tags, value)
 
     # ------------------------------------------------------------------ training
-    @torch.no_grad()
-    def pseudo_labels(self, net: DualNet, x: torch.Tensor, img: torch.Tensor, fg_tags: torch.Tensor, tau_h: torch.Tensor) -> list[torch.Tensor]:
-        """Refined CAM pseudo-labels of sub-net 1 and sub-net 2 (only sub-net 1's with
-        `single_net`), (B, H, W) each."""
-        p = self.cfg.dupl
-        out = []
-        with frozen_bn_stats(net):
-            for sub in net.subnets:
-                cam = multi_scale_cam(sub.cam, x, p.cam_scales, fg_tags)
-                out.append(refine_pseudo_labels(self.par, img, cam, fg_tags, tau_h, p.tau_low, p.par_downscale))
-        return out
-
     def training_step(
         self, labeled: dict[str, Any], unlabeled: dict[str, Any] | None, step: int
     ) -> dict[str, torch.Tensor]:
         p, d = self.cfg.dupl, self.cfg.data
         if "tags" not in labeled:
             raise KeyError("DuPL needs image-level `tags` in the labeled batch (uses_tags = True)")
-        x = labeled["image"]
+        x = training_view(labeled["image"], d.mean, d.std)
         fg_tags = labeled["tags"][:, 1:].float()
         gt = labeled.get("gt_mask")
-        b, _, h, w = x.shape
+        inside = inside_image(labeled, x)
+        h, w = x.shape[-2:]
         seg_on = step >= p.seg_start
         late = seg_on and step >= p.gmm_start
         gmm_on, cons_on = late and p.gmm, late and p.consistency
         net: DualNet = distributed.unwrap(self.model)  # type: ignore[assignment]
-        logs: dict[str, torch.Tensor] = {}
-
         img = denormalize(x.float(), d.mean, d.std).clamp(0, 1)
         tau_h = self.tau_high(step, fg_tags)
-        logs["tau_h"] = tau_h.mean()
-        labels: list[torch.Tensor] | None = None
+        logs: dict[str, torch.Tensor] = {"tau_h": tau_h.mean()}
+
+        # 1. CAM pseudo-labels of both sub-nets (no grad).
+        labels: list[torch.Tensor] = []
         if seg_on or (p.log_cam_miou and gt is not None):
-            labels = self.pseudo_labels(net, x, img, fg_tags, tau_h)
-            if gt is not None and gt.shape == labels[0].shape:
-                for i, lab in enumerate(labels, 1):
-                    miou, cover = pseudo_label_stats(lab, gt, self.num_classes, d.ignore_index)
-                    if torch.isfinite(miou):
-                        logs["pl_miou" if i == 1 else "pl_miou_2"] = miou
-                    if i == 1:
-                        logs["pl_cover"] = cover
+            labels = self.pseudo_labels(net, x, img, fg_tags, tau_h, inside)
+            if gt is not None:
+                logs.update(self.label_quality(labels, gt, inside))
 
-        strong, flags = None, None
-        if cons_on:
-            flags = torch.rand(b, device=x.device) < p.strong_flip_prob
-            s = strong_colour_augment(img, p.strong_ops, p.strong_magnitude)
-            s = flip_where((s - torch.as_tensor(d.mean, device=x.device).view(1, 3, 1, 1)) / torch.as_tensor(d.std, device=x.device).view(1, 3, 1, 1), flags)
-            if p.strong_scale != 1.0:
-                s = F.interpolate(s, size=(max(1, int(h * p.strong_scale)), max(1, int(w * p.strong_scale))), mode="bilinear", align_corners=False)
-            strong = s.to(x.dtype)
+        # 2. One forward that DDP sees: both sub-nets, and their heads on the strong view.
+        strong = strong_view(img, p.strong_ops, p.strong_magnitude, p.strong_scale, d.mean, d.std).to(x.dtype) if cons_on else None
+        out1, out2 = self.model(x, strong=strong, train_outputs=True).values()
+        segs = [_upsample(o["seg"], (h, w)) for o in (out1, out2)]
 
-        out = self.model(x, strong=strong, train_outputs=True)  # the one forward DDP sees
-        outs = list(out.values())  # one entry per sub-net: net1 (and net2 unless single_net)
+        # 3. Tags and discrepancy.
+        loss_cls = sum(F.multilabel_soft_margin_loss(o[k].float(), fg_tags) for o in (out1, out2) for k in ("cls", "cls_aux"))
+        loss_dis = discrepancy_loss(out1["feat"], out2["feat"], p.discrepancy)
 
-        loss_cls = sum(F.multilabel_soft_margin_loss(o[k].float(), fg_tags) for o in outs for k in ("cls", "cls_aux"))
-        total = loss_cls
-        logs["loss_cls"] = loss_cls.detach()
-        if not p.single_net:
-            loss_dis = discrepancy_loss(outs[0]["feat"], outs[1]["feat"], p.discrepancy)
-            total = total + p.discrepancy_weight * loss_dis
-            logs["loss_dis"] = loss_dis.detach()
-
-        segs = [F.interpolate(o["seg"].float(), size=(h, w), mode="bilinear", align_corners=False) for o in outs]
-        peers: list[torch.Tensor] = []  # the label map that supervises each sub-net's head
+        # 4. Cross supervision on the GMM-filtered labels, consistency on the pixels they ignore.
+        loss_seg = sum(sg.sum() * 0.0 for sg in segs)  # before seg_start: heads in the graph (DDP), weight 0
+        loss_cons = loss_seg.new_zeros(())
         if seg_on:
-            assert labels is not None
             if gmm_on:
                 labels, noise = self.filter_noise(segs, labels)
                 logs.update(noise)
-            # Cross supervision: sub-net 1's labels train sub-net 2 and vice versa; the
-            # single-network baseline trains on its own labels.
-            peers = labels if p.single_net else [labels[1], labels[0]]
+            peers = [labels[1], labels[0]]  # sub-net 1's labels train sub-net 2, and vice versa
             loss_seg = sum(seg_loss(sg, lab, p.seg_loss) for sg, lab in zip(segs, peers))
-            total = total + p.seg_weight * loss_seg
-        else:
-            loss_seg = sum(sg.sum() * 0.0 for sg in segs)  # keeps the heads in the graph for DDP
-            total = total + loss_seg
-        logs["loss_seg"] = loss_seg.detach()
+            if cons_on:
+                frac = loss_seg.new_zeros(())
+                for o, clean, peer in zip((out1, out2), segs, peers):
+                    st = _upsample(o["seg_strong"].flip(-1), (h, w))  # the strong view was flipped
+                    lc, mask = consistency_loss(st, clean, peer, p.consistency_thresh, inside)
+                    loss_cons, frac = loss_cons + lc, frac + mask.float().mean() / 2
+                logs.update(loss_cons=loss_cons.detach(), cons_frac=frac)
 
-        if cons_on:
-            assert flags is not None
-            loss_cons, frac = total.new_zeros(()), total.new_zeros(())
-            for o, clean, peer in zip(outs, segs, peers):
-                # Flip the strong prediction back before comparing it with the clean view.
-                st = F.interpolate(flip_where(o["seg_strong"].float(), flags), size=(h, w), mode="bilinear", align_corners=False)
-                lc, mask = consistency_loss(st, clean, peer, p.consistency_thresh)
-                loss_cons = loss_cons + lc
-                frac = frac + mask.float().mean() / len(outs)
-            logs["cons_frac"] = frac
-            total = total + p.consistency_weight * loss_cons
-            logs["loss_cons"] = loss_cons.detach()
-        logs["loss"] = total
+        loss = loss_cls + p.discrepancy_weight * loss_dis + p.seg_weight * loss_seg + p.consistency_weight * loss_cons
+        logs.update(loss=loss, loss_cls=loss_cls.detach(), loss_dis=loss_dis.detach(), loss_seg=loss_seg.detach())
+        return logs
+
+    @torch.no_grad()
+    def pseudo_labels(
+        self, net: DualNet, x: torch.Tensor, img: torch.Tensor, fg_tags: torch.Tensor, tau_h: torch.Tensor, inside: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Refined CAM pseudo-labels of sub-net 1 and sub-net 2, (B, H, W) each.
+
+        Pixels outside the image (crop padding) are ignore, as the official code's image box:
+        PAR still runs over the whole crop, only its labels there are dropped.
+        """
+        p = self.cfg.dupl
+        out = []
+        with frozen_bn_stats(net):
+            for sub in net.subnets:
+                cam = multi_scale_cam(sub.cam, x, p.cam_scales, fg_tags)
+                label = refine_pseudo_labels(self.par, img, cam, fg_tags, tau_h, p.tau_low, p.par_downscale)
+                out.append(label.masked_fill(~inside, IGNORE))
+        return out
+
+    @torch.no_grad()
+    def label_quality(self, labels: list[torch.Tensor], gt: torch.Tensor, inside: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`pl_miou` / `pl_miou_2` of each sub-net's pseudo-labels against the ground truth and
+        `pl_cover` (sub-net 1's share of image pixels with a label); nothing for a mismatched gt."""
+        if gt.shape != labels[0].shape:
+            return {}
+        logs: dict[str, torch.Tensor] = {}
+        for key, lab in zip(("pl_miou", "pl_miou_2"), labels):
+            miou, cover = pseudo_label_stats(lab, gt, self.num_classes, self.cfg.data.ignore_index, inside)
+            if torch.isfinite(miou):
+                logs[key] = miou
+            logs.setdefault("pl_cover", cover)
         return logs
 
     @torch.no_grad()
@@ -362,8 +393,8 @@ class DuPL(Method):
         """Set GMM-flagged foreground pixels of each label map to ignore.
 
         As the official code, sub-net k's label map is judged by sub-net k's own prediction
-        against it (the map then trains the other sub-net). All images of all maps are fitted
-        in one batched EM; one map each with `single_net`.
+        against it (the map then trains the other sub-net). All images of both maps are fitted
+        in one batched EM.
         """
         p = self.cfg.dupl
         b = labels[0].shape[0]
@@ -371,9 +402,7 @@ class DuPL(Method):
         loss = F.cross_entropy(torch.cat(segs, 0).float(), lab, ignore_index=IGNORE, reduction="none").flatten(1)
         flat = lab.flatten(1)
         fg = (flat != 0) & (flat != IGNORE)
-        res = gmm_noise_mask(
-            loss, fg, p.gmm_eta, p.gmm_gamma, p.gmm_min_pixels, p.gmm_min_loss, p.gmm_iters, p.gmm_reg, p.gmm_guard_low
-        )
+        res = gmm_noise_mask(loss, fg, p.gmm_eta, p.gmm_gamma, p.gmm_min_pixels, p.gmm_min_loss, p.gmm_iters, p.gmm_reg)
         filtered = torch.where(res.noise, torch.full_like(flat, IGNORE), flat).view_as(lab)
         stats = {
             "noise_frac": res.noise.float().mean(),

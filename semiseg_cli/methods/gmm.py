@@ -6,10 +6,15 @@ per-pixel losses of its foreground pseudo-labels. The official code calls sklear
 fitted at once: the values are a (B, N) tensor and a (B, N) boolean mask says which entries
 belong to each image's sample, so images with different numbers of pixels batch together.
 
-The algorithm follows sklearn's `GaussianMixture(n_components=2)` closely enough to be compared
-with it: a k-means initialisation (here: 1-D Lloyd iterations started from each sample's minimum
-and maximum, which is what 2-means converges to on 1-D data), hard responsibilities from k-means
-for the first M-step, then `iters` EM iterations with `reg` added to each variance.
+The EM follows sklearn's `GaussianMixture(n_components=2)` as the official code calls it (tol
+1e-2): hard responsibilities from a 2-means clustering for the first M-step, then at most `iters`
+EM iterations with `reg` added to each variance; a row stops once its mean log-likelihood per
+sample changes by less than `tol` from the previous iteration (sklearn's rule, tested after that
+iteration's M-step, so a row stops after two iterations at the earliest).
+One difference: sklearn starts its k-means from k-means++ (random) and iterates to convergence;
+here 20 Lloyd iterations start from each sample's minimum and maximum (deterministic, no random
+state per image). On 1-D data the two usually find the same split; they can differ on samples
+with more than two modes.
 
 What can go wrong: a sample with fewer than two values has no meaningful mixture — callers must
 skip it (see `gmm_noise_mask`). A component can lose all its mass (e.g. all values equal); its
@@ -30,12 +35,14 @@ _LOG_2PI = math.log(2.0 * math.pi)
 class GMM1D:
     """Fitted parameters, one row per sample: `means`, `vars`, `weights` are (B, 2).
 
-    Component 0 has the lower mean ("clean"), component 1 the higher ("noisy").
+    Component 0 has the lower mean ("clean"), component 1 the higher ("noisy"). `n_iter` (B,):
+    the EM iterations each row ran (sklearn's `n_iter_`), set by `fit_gmm_1d`.
     """
 
     means: torch.Tensor
     vars: torch.Tensor
     weights: torch.Tensor
+    n_iter: torch.Tensor | None = None
 
     def log_joint(self, x: torch.Tensor) -> torch.Tensor:
         """log(pi_k N(x | mu_k, var_k)) for x (B, M): (B, M, 2)."""
@@ -90,12 +97,13 @@ def _m_step(
     return GMM1D(mean, var, weights)
 
 
-def fit_gmm_1d(x: torch.Tensor, mask: torch.Tensor, iters: int = 10, reg: float = 5e-4) -> GMM1D:
+def fit_gmm_1d(x: torch.Tensor, mask: torch.Tensor, iters: int = 10, reg: float = 5e-4, tol: float = 1e-2) -> GMM1D:
     """Fit a 2-component Gaussian mixture to each row of x (B, N) restricted to mask (B, N).
 
-    Runs exactly `iters` EM iterations (no early stop: deterministic and the same for every row).
-    Rows with fewer than two masked values give meaningless parameters; check before use.
-    Computation is in float32 at least (losses may arrive as bf16 under autocast).
+    At most `iters` EM iterations; a row stops (keeps its parameters) once its mean log-likelihood
+    changes by less than `tol` (sklearn's rule; `tol=0` runs all `iters`). Rows with fewer than
+    two masked values give meaningless parameters; check before use. Computation is in float32 at
+    least (losses may arrive as bf16 under autocast).
     """
     if x.shape != mask.shape or x.dim() != 2:
         raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must both be (B, N)")
@@ -107,13 +115,24 @@ def fit_gmm_1d(x: torch.Tensor, mask: torch.Tensor, iters: int = 10, reg: float 
     resp = torch.nn.functional.one_hot(assign, 2).to(x.dtype) * m[..., None]
     # An empty k-means cluster (all values equal) starts at its centre, not at 0.
     g = _m_step(x, resp, n, reg, GMM1D(centres, torch.full_like(centres, reg), torch.zeros_like(centres)))
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    prev = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
     for _ in range(iters):
-        resp = g.posterior(x) * m[..., None]
-        g = _m_step(x, resp, n, reg, g)
+        log_joint = g.log_joint(x)
+        lower_bound = (torch.logsumexp(log_joint, -1) * m).sum(1) / n.clamp_min(1)  # mean log-likelihood
+        new = _m_step(x, torch.softmax(log_joint, -1) * m[..., None], n, reg, g)
+        keep = done[:, None]
+        g = GMM1D(*(torch.where(keep, old, upd) for old, upd in ((g.means, new.means), (g.vars, new.vars), (g.weights, new.weights))))
+        n_iter += (~done).long()
+        done = done | ((lower_bound - prev).abs() < tol)
+        prev = lower_bound
+        if bool(done.all()):  # one host sync per iteration, at most `iters` (10) per step
+            break
     # Order the components so that 1 is the high-mean ("noisy") one.
     swap = (g.means[:, 0] > g.means[:, 1])[:, None]
     flip = lambda t: torch.where(swap, t.flip(1), t)  # noqa: E731
-    return GMM1D(flip(g.means), flip(g.vars), flip(g.weights))
+    return GMM1D(flip(g.means), flip(g.vars), flip(g.weights), n_iter)
 
 
 @dataclass
@@ -133,7 +152,7 @@ def gmm_noise_mask(
     min_loss: float = 0.0,
     iters: int = 10,
     reg: float = 5e-4,
-    guard_low: bool = False,
+    tol: float = 1e-2,
 ) -> NoiseFilterResult:
     """DuPL's adaptive noise filtering for a batch of per-pixel losses.
 
@@ -148,15 +167,13 @@ def gmm_noise_mask(
 
     Known artefact (paper and code): a Gaussian's tails are symmetric, so when the clean
     component is narrow a pixel with a *very low* loss can be more likely under the wide noisy
-    component and get flagged. `guard_low=True` never flags pixels below the clean mean.
+    component and get flagged.
     """
     fit_mask = fg & (loss > min_loss) if min_loss > 0 else fg
     count = fit_mask.sum(1)
     fitted = (count > min_pixels) & (count >= 2)
-    g = fit_gmm_1d(loss.detach(), fit_mask, iters=iters, reg=reg)
+    g = fit_gmm_1d(loss.detach(), fit_mask, iters=iters, reg=reg, tol=tol)
     active = fitted & (g.means[:, 1] - g.means[:, 0] > eta)
     post = g.posterior(loss.detach().float())[..., 1]
     noise = active[:, None] & fg & (post > gamma)
-    if guard_low:
-        noise = noise & (loss.detach().float() > g.means[:, 0:1])
     return NoiseFilterResult(noise, fitted, active, g)

@@ -7,18 +7,53 @@ not need to import the training machinery.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Params(BaseModel):
+    """A method's section. `REMOVED` maps each option removed from it to the one behaviour that
+    remains: a config holding that value (every run folder and checkpoint written before the
+    removal) still loads, the key dropped; any other value is refused, saying what to do."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    SECTION: ClassVar[str] = ""
+    REMOVED: ClassVar[dict[str, object]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed(cls, data: object) -> object:
+        if not isinstance(data, dict) or not cls.REMOVED:
+            return data
+        data = dict(data)
+        for key, kept in cls.REMOVED.items():
+            if key in data:
+                value = data.pop(key)
+                if (tuple(value) if isinstance(value, list) else value) != kept:
+                    raise ValueError(
+                        f"{cls.SECTION}.{key} = {value!r} was removed (docs/methods_{cls.SECTION}.md, \"Removed options\"); "
+                        f"only its former behaviour {kept!r} remains: delete the key"
+                    )
+        return data
 
 
 class U2PLParams(_Params):
     """U2PL (CVPR 2022). Values from the paper unless a field says otherwise; see
     docs/methods_u2pl.md for each formula and where the official code differs."""
+
+    SECTION: ClassVar[str] = "u2pl"
+
+    # Options removed (no preset used them, no measurement supported them), with the behaviour
+    # that remains; docs/methods_u2pl.md, "Removed options".
+    REMOVED: ClassVar[dict[str, object]] = {
+        "ema_buffers": True,  # BatchNorm statistics are averaged by the EMA
+        "unsup_norm": "official",  # mean CE over kept pixels x B*H*W / #kept
+        "strong_photometric": False,  # the strong view is CutMix alone
+        "negative_mask": "paper",  # the paper's negative keys
+        "pseudo_label_align": "none",  # no distribution alignment
+        "align_momentum": 0.99,  # the prior adjustment's running prior: momentum 0.99 per step
+    }
 
     # Supervised-only warm-up: only the labeled loss, no teacher. None = one epoch (the VOC
     # recipe's sup_only_epoch = 1); 0 = none (the Cityscapes recipe).
@@ -28,38 +63,22 @@ class U2PLParams(_Params):
     teacher_reset: bool = True
     teacher_reset_iters: int | None = Field(None, ge=0)
     ema_decay: float = Field(0.99, gt=0, lt=1)  # max decay; min(1 - 1/(t+1), ema_decay)
-    # Average BatchNorm statistics too; false copies them from the student. (The official code
-    # averages parameters only and lets a train-mode teacher forward update its statistics.)
-    ema_buffers: bool = True
     unsup_weight: float = Field(1.0, ge=0)
     drop_percent: float = Field(80.0, ge=0, le=100)  # entropy percentile p_0 (then -> drop_percent_end)
     # Where p_t ends at the last epoch: 100 (the paper: every pseudo-label kept by the end);
     # = drop_percent keeps dropping the same share of high-entropy pixels throughout (not in U2PL;
     # docs/methods_u2pl.md, "Beyond the paper").
     drop_percent_end: float = Field(100.0, ge=0, le=100)
-    # "official": mean CE over kept pixels x (B*H*W / #kept), as the official code; "mean": the
-    # plain mean over kept pixels.
-    unsup_norm: Literal["official", "mean"] = "official"
     cutmix_prob: float = Field(0.5, ge=0, le=1)  # one coin per batch, as the official code
     cutmix_area: float = Field(0.5, gt=0, lt=1)
     # CutMix box edges on multiples of this (the representation stride), so the box is exact on
     # the stride-4 teacher features; 1 = any pixel (the official code's boxes).
     cutmix_align: int = Field(4, ge=1)
-    # Also perturb the student's unlabeled view photometrically before CutMix, per image: colour
-    # jitter 0.5/0.5/0.5/0.25 (p 0.8), grayscale (p 0.2), Gaussian blur sigma 0.1-2 (p 0.5), the
-    # strong view of ST++/UniMatch. Not in U2PL (its strong view is CutMix alone); false = the paper.
-    strong_photometric: bool = False
     contrastive: bool = True
-    contrastive_weight: float = Field(0.1, ge=0)  # paper 0.1, official code 1.0
+    contrastive_weight: float = Field(0.1, ge=0)  # paper 0.1, official code 1.0 (trained as 1/world_size)
     alpha_0: float = Field(20.0, ge=0, le=50)  # reliable/unreliable percentile, -> 0
     delta_p: float = Field(0.3, ge=0, le=1)  # anchor threshold on teacher probability
     delta_n: float = Field(1.0, ge=0, le=1)  # negatives need prob < delta_n (official: 1, no filter)
-    # Negative keys: "paper" = labeled pixels with c in the teacher's top-low_rank but label != c,
-    # and unreliable unlabeled pixels ranking c in [low_rank, high_rank); "code" = the official
-    # code's mask, the same times the one-hot label of c: no labeled negatives, and unlabeled ones
-    # only where the pseudo-label is c yet ranked >= low_rank, which this single teacher pass
-    # (almost) never produces, so the contrastive loss is (almost) always 0. For comparison only.
-    negative_mask: Literal["paper", "code"] = "paper"
     low_rank: int = Field(3, ge=1)
     high_rank: int = Field(20, ge=2)
     num_queries: int = Field(256, ge=1)
@@ -73,22 +92,15 @@ class U2PLParams(_Params):
     # student's own forward, detached, so the teacher sees the unlabeled images only (about one
     # forward pass over B images fewer per step; not the paper's method).
     labeled_keys: Literal["teacher", "student"] = "teacher"
-    # Distribution alignment of the teacher's unlabeled probabilities before pseudo-labels,
-    # confidences and entropies are taken (not in U2PL; ReMixMatch's DA): "distribution" scales
-    # class c by (labeled pixels' frequency of c) / (running mean teacher probability of c), the
-    # latter an EMA with `align_momentum` per step. "none" = the paper. docs/methods_u2pl.md.
-    pseudo_label_align: Literal["none", "distribution"] = "none"
     # Label-shift correction of the unsupervised CE (not in U2PL; logit adjustment, Menon et al.
     # 2021): the student's unlabeled logits get log(pi_pl[c]) - log(pi_lab[c]) added inside that
     # loss, pi_pl the running class frequencies of the kept pseudo-labels and pi_lab the labeled
-    # pixels'. Rare classes the teacher seldom pseudo-labels are then no longer pushed down by
-    # every unlabeled pixel, so the student keeps the labeled prior. false = the paper.
+    # pixels'. false = the paper. `PriorAdjustment` in u2pl_losses.py; docs/methods_u2pl.md.
     unsup_prior_adjust: bool = False
-    # EMA momentum per step of the running priors above (teacher prediction, kept pseudo-labels).
-    align_momentum: float = Field(0.99, ge=0, lt=1)
     # The schedules (p_t and alpha_t) are "per epoch" in the paper; epochs are counted in
     # iterations of this length (0: the unlabeled pool size divided by the unlabeled batch).
     epoch_iters: int = Field(0, ge=0)
+
 
     @model_validator(mode="after")
     def _ranks(self) -> "U2PLParams":
@@ -101,21 +113,22 @@ class AdvSemiSegParams(_Params):
     """AdvSemiSeg (BMVC 2018). Paper values unless a field says otherwise.
 
     The discriminator sees softmax maps (fake) and one-hot ground truth (real); its confidence
-    map gates self-training on unlabeled pixels. See docs/methods_advsemiseg.md.
+    map gates self-training on unlabeled pixels. Every option is set by a preset or is a
+    paper-vs-code switch (or a guard rail named in the D-accuracy warnings); see
+    docs/methods_advsemiseg.md, "Options".
     """
 
+    SECTION: ClassVar[str] = "advsemiseg"
+
     lambda_adv: float = Field(0.01, ge=0)  # labeled adversarial weight: paper/README 0.01, code default 0.1
-    lambda_semi_adv: float = Field(0.001, ge=0)  # unlabeled adversarial weight
+    lambda_semi_adv: float = Field(0.001, ge=0)  # unlabeled adversarial weight (from step 0, paper and code)
     lambda_semi: float = Field(0.1, ge=0)  # confidence-masked self-training weight
     semi_start: int = Field(5000, ge=0)  # self-training starts at this step (VOC recipe of 20k)
-    semi_start_adv: int = Field(0, ge=0)  # unlabeled adversarial term starts here (code default 0)
-    t_semi: float = Field(0.2, ge=0, le=1)  # keep pixels with sigmoid(D) >= t_semi; 0.1 in some recipes
+    t_semi: float = Field(0.2, ge=0, le=1)  # keep pixels with sigmoid(D) >= t_semi
     # Train D on the unlabeled predictions too (fake, never ignored), as the official code does
     # (`--D-remain`, default on); false: fake maps from labeled predictions only.
     d_remain: bool = True
-    d_lr: float = Field(1e-4, gt=0)  # Adam, poly decay with optim.poly_power
-    d_betas: tuple[float, float] = (0.9, 0.99)
-    d_channels: int = Field(64, ge=1)  # first conv width (ndf); then x2, x4, x8
+    d_lr: float = Field(1e-4, gt=0)  # Adam (betas 0.9, 0.99), poly decay with optim.poly_power
     # Guard rails against the known GAN instability: step D (or G) only every k-th step. On
     # off-steps that network's loss terms are weighted 0 and its optimizer does not step.
     d_update_every: int = Field(1, ge=1)
@@ -123,6 +136,15 @@ class AdvSemiSegParams(_Params):
     # Warn (once) when D's pixel accuracy stays >= 99% (G's adversarial signal is saturated) or
     # within 2 points of 50% (D's confidence map is noise) for this many consecutive steps.
     warn_window: int = Field(200, ge=1)
+
+    # Options removed by the simplification (no preset set them, none was a paper-vs-code
+    # switch), with the value that is now fixed.
+    REMOVED: ClassVar[dict[str, object]] = {
+        "semi_start_adv": 0,  # the unlabeled adversarial term runs from step 0
+        "d_betas": (0.9, 0.99),  # D's Adam betas
+        "d_channels": 64,  # D's first conv width (ndf)
+    }
+
 
 
 class DuPLParams(_Params):
@@ -132,12 +154,23 @@ class DuPLParams(_Params):
     choice where it differs (reachable, not the default).
     """
 
+    SECTION: ClassVar[str] = "dupl"
+
+    # Options removed (no preset used them, no measurement supported them), with the behaviour
+    # that remains; docs/methods_dupl.md, "Removed options".
+    REMOVED: ClassVar[dict[str, object]] = {
+        "gmm_guard_low": False,  # low-loss pixels may be filtered, as paper and code
+        "strong_flip_prob": 1.0,  # the strong view is always flipped, as the code
+        "single_net": False,  # always two sub-networks with cross supervision
+    }
+
     # Paper: ViT-B/16 (DeiT-B, ImageNet-1k). "cnn" uses model.backbone/output_stride/pretrained
     # so DuPL runs on a CPU; it is the default because a randomly initialised ViT learns nothing
     # useful in a CPU budget. VOC/COCO presets set "vit_b_16" with vit_pretrained.
     backbone: Literal["vit_b_16", "cnn"] = "cnn"
     vit_pretrained: str | None = None  # "imagenet" (torchvision ViT-B/16) or a DeiT-B/ViT-B state dict path
-    aux_layer: int = -3  # ViT block of the auxiliary classifier (3rd-last); the CNN uses its "mid" features
+    # ViT-B/16 block (of 12) of the auxiliary classifier: the 3rd-last; the CNN uses its "mid" features.
+    aux_layer: int = Field(-3, ge=-12, le=11)
     seg_channels: int = Field(512, ge=1)  # LargeFOV width
     seg_dilation: int = Field(5, ge=1)
     # Which segmentation head `eval` uses: sub-net 1 (official evaluation) or the mean of both.
@@ -166,10 +199,9 @@ class DuPLParams(_Params):
     consistency_weight: float = Field(0.05, ge=0)
     consistency_thresh: float = Field(0.9, ge=0, le=1)  # clean-view confidence for a target
     # Strong view: RandAugment colour ops (n ops of magnitude m out of 30; code n=5, m=10), then a
-    # horizontal flip (code: always) and a resize (code: 0.75).
+    # horizontal flip (always, as the code) and a resize (code: 0.75).
     strong_ops: int = Field(5, ge=0)
     strong_magnitude: float = Field(10.0, ge=0, le=30)
-    strong_flip_prob: float = Field(1.0, ge=0, le=1)
     strong_scale: float = Field(0.75, gt=0, le=2)
     gmm: bool = True
     gmm_start: int = Field(8000, ge=0)  # noise filtering and consistency start here (not before seg_start)
@@ -177,19 +209,14 @@ class DuPLParams(_Params):
     gmm_gamma: float = Field(0.9, ge=0, le=1)  # paper 0.9, code 0.95
     gmm_min_pixels: int = Field(0, ge=0)  # code: 1000 (fit only with more foreground pixels than this); 0 = off
     gmm_min_loss: float = Field(0.0, ge=0)  # code: 0.1 (fit only on losses above this); 0 = off
-    gmm_iters: int = Field(10, ge=1)  # EM iterations (code: sklearn max_iter=10)
-    gmm_reg: float = Field(5e-4, gt=0)  # added to the variances (code: sklearn reg_covar)
-    # Not in paper or code: never flag pixels whose loss is below the clean component's mean
-    # (a Gaussian-tail artefact can flag near-zero losses when the clean component is narrow).
-    gmm_guard_low: bool = False
+    # EM iterations at most (sklearn max_iter); each image stops earlier once its mean
+    # log-likelihood changes by < 1e-2 (the code's sklearn tol).
+    gmm_iters: int = Field(10, ge=1)
+    gmm_reg: float = Field(5e-4, gt=0)  # added to the variances (sklearn reg_covar)
     # Compute the CAM pseudo-labels before seg_start too, only to log their mIoU against gt_mask
     # (costs the multi-scale CAM passes on every step of the warm-up).
     log_cam_miou: bool = True
-    # Not DuPL: the single-network weak baseline (step-time and ablation reference). Only sub-net 1
-    # exists; its head learns from its OWN CAM pseudo-labels, no discrepancy loss. Classification,
-    # PAR, tau_h, GMM filtering and consistency stay as configured (gmm=false, consistency=false:
-    # the classic single-branch CAM -> pseudo-label -> segmentation baseline).
-    single_net: bool = False
+
 
     @model_validator(mode="after")
     def _thresholds(self) -> "DuPLParams":
@@ -203,6 +230,4 @@ class DuPLParams(_Params):
             raise ValueError("par_dilations must be a non-empty list of positive integers (or par_iters = 0)")
         if self.fixed_tau_classes and not self.per_class_tau:
             raise ValueError("fixed_tau_classes only applies with per_class_tau = true")
-        if self.single_net and self.inference == "mean":
-            raise ValueError("inference = \"mean\" needs both sub-nets; single_net = true has only sub-net 1")
         return self

@@ -6,27 +6,28 @@ One training step, read top to bottom in `training_step`:
    -> pseudo-label, confidence, entropy on the unlabeled half; probabilities and stride-4
    features on both halves for the contrastive term (`labeled_keys="student"`: the teacher sees
    the unlabeled images only and the labeled half comes from the student's forward, detached);
-3. (`strong_photometric`, not in the paper: colour jitter, grayscale and blur per unlabeled image;)
-   CutMix (probability 0.5, one box of half the image per sample, sample i with (i+1) mod B)
+3. CutMix (probability 0.5, one box of half the image per sample, sample i with (i+1) mod B)
    applied alike to the unlabeled images, pseudo-labels, confidences, entropies, teacher
    probabilities and teacher features;
 4. one student forward over cat(labeled, strong unlabeled) (one call, for DDP);
-5. supervised CE + unsupervised CE on pixels below the p_t-th entropy percentile + the
-   contrastive loss on the representation head, whose memory bank is updated first.
+5. loss = supervised CE + unsup_weight x CE on the pseudo-labels below the p_t-th entropy
+   percentile + contrastive_weight x the contrastive loss on the representation head, whose
+   memory bank is updated first.
 The teacher's EMA update happens in `after_optimizer_step`.
 
-Paper vs official code choices are fields of `U2PLParams`; docs/methods_u2pl.md lists them.
+Paper vs official code choices are fields of `U2PLParams`; docs/methods_u2pl.md lists them. The
+one extension beyond the paper that a preset uses (`unsup_prior_adjust`) is `PriorAdjustment`,
+called in two places marked "not in the paper"; off, the step is the paper's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg_cli.data.transforms import strong_photometric
 from semiseg_cli.engine import distributed
 from semiseg_cli.engine.ema import EMATeacher
 from semiseg_cli.errors import UserError
@@ -34,21 +35,20 @@ from semiseg_cli.methods.base import Method
 from semiseg_cli.methods.supervised import sup_losses
 from semiseg_cli.methods.u2pl_losses import (
     MemoryBank,
-    align_distribution,
+    PriorAdjustment,
     alpha_at,
     contrastive_loss,
     contrastive_masks,
     cutmix,
     cutmix_box_mask,
     drop_percent_at,
-    entropy,
     epoch_fraction,
     last_per_class,
-    percentiles,
-    prior_adjustment,
+    reliable_split,
     resize_nearest,
     unsup_loss,
 )
+from semiseg_cli.ops import entropy, keep_low_entropy, percentiles
 
 
 class U2PL(Method):
@@ -59,8 +59,9 @@ class U2PL(Method):
         super().__init__(cfg, num_classes, class_names)
         p = cfg.u2pl
         self.p = p
-        # Built from the plain student before the loop wraps it in DDP (see EMATeacher).
-        self.teacher = EMATeacher(self.model, max_decay=p.ema_decay, buffers="ema" if p.ema_buffers else "copy")
+        # Built from the plain student before the loop wraps it in DDP (see EMATeacher); BatchNorm
+        # statistics are averaged too (the official code averages parameters only).
+        self.teacher = EMATeacher(self.model, max_decay=p.ema_decay)
         self.bank: MemoryBank | None = None
         if p.contrastive:
             sizes = [p.queue_size_background] + [p.queue_size] * (num_classes - 1)
@@ -70,18 +71,12 @@ class U2PL(Method):
         # student during the supervised-only epoch too).
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self._last_decay = 0.0
-        # Distribution alignment and prior adjustment state (only with an option on, so other
-        # checkpoints keep their keys): labeled pixel counts per class since step 0, the EMA of the
-        # teacher's mean unlabeled prediction and that of the kept pseudo-labels' class
-        # frequencies (all zeros until the first semi-supervised step).
-        align = p.pseudo_label_align == "distribution"
-        adjust = p.unsup_prior_adjust
-        self.label_counts: Tensor | None
-        self.pred_prior: Tensor | None
-        self.pl_prior: Tensor | None
-        self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64) if align or adjust else None)
-        self.register_buffer("pred_prior", torch.zeros(num_classes) if align else None)
-        self.register_buffer("pl_prior", torch.zeros(num_classes) if adjust else None)
+        # Not in the paper (`unsup_prior_adjust`). Absent when off, so the paper's checkpoints
+        # carry no state for it; its buffers were the method's own before it was a module.
+        self.prior_adjust: PriorAdjustment | None = None
+        if p.unsup_prior_adjust:
+            self.prior_adjust = PriorAdjustment(num_classes)
+            self.register_load_state_dict_pre_hook(_prior_adjust_old_keys)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,9 +145,6 @@ class U2PL(Method):
             return self.ctx.epoch_iters
         return self.cfg.train.iters  # no context (unit tests): the whole run is one epoch
 
-    def _total_iters(self) -> int:
-        return self.ctx.total_iters if self.ctx is not None else self.cfg.train.iters
-
     def sup_only_iters(self) -> int:
         v = self.p.sup_only_iters
         return self._epoch_iters() if v is None else v
@@ -165,7 +157,7 @@ class U2PL(Method):
 
     def schedules(self, step: int) -> tuple[float, float]:
         """(p_t, alpha_t) at this step; both move once per epoch."""
-        frac = epoch_fraction(step, self._epoch_iters(), self._total_iters())
+        frac = epoch_fraction(step, self._epoch_iters(), self.total_iters())
         return drop_percent_at(frac, self.p.drop_percent, self.p.drop_percent_end), alpha_at(frac, self.p.alpha_0)
 
     # ------------------------------------------------------------------ training
@@ -174,65 +166,44 @@ class U2PL(Method):
     ) -> dict[str, Tensor]:
         p = self.p
         p_t, alpha_t = self.schedules(step)
-        sup_only = self.sup_only_iters()
-        if self.label_counts is not None:
-            self._count_labels(labeled["mask"])
-        if unlabeled is None or step < sup_only:
-            out = self.model(labeled["image"])
-            losses = sup_losses(self.cfg, out, labeled["mask"])
-            zero = _unused(out)
-            losses["loss"] = losses["loss"] + zero
-            losses.update(loss_unsup=zero.detach(), loss_contra=zero.detach())
-            losses.update(drop_percent=_scalar(p_t, zero), alpha_t=_scalar(alpha_t, zero))
-            return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
-
+        if self.prior_adjust is not None:  # not in the paper: its labeled prior counts every step
+            self.prior_adjust.count_labels(labeled["mask"])
+        if unlabeled is None or step < self.sup_only_iters():
+            return self._warmup_step(labeled, p_t, alpha_t)
+        self._start_teacher(step)
         ignore = self.cfg.data.ignore_index
-        # The teacher starts the semi-supervised phase as the student (it is not updated during
-        # the warm-up, and its first pseudo-labels come before its first EMA update); with
-        # `teacher_reset` it stays a copy for `teacher_reset_iters` steps, as the official code.
-        if step - sup_only < max(1, self.teacher_reset_iters()):
-            self.teacher.reset(distributed.unwrap(self.model))
-            distributed.broadcast_small_buffers(self.teacher)  # one teacher on every rank (see below)
         img_l, mask_l, img_u = labeled["image"], labeled["mask"], unlabeled["image"]
         n_l = img_l.shape[0]
 
-        # -- teacher: pseudo-labels (and, for the contrastive term, features of both halves unless
-        # the labeled half comes from the student)
+        # -- teacher on the weak view: pseudo-labels (and, for the contrastive term, probabilities
+        # and features of the labeled half too, unless they come from the student)
         teacher_labeled = p.contrastive and p.labeled_keys == "teacher"
         with torch.no_grad():
             t_out = self.teacher(torch.cat([img_l, img_u]) if teacher_labeled else img_u)
             # One full-size softmax, shared by the pseudo-labels and the contrastive term.
             t_prob = torch.softmax(t_out["logits"].float(), 1)
             prob_u = t_prob[n_l:] if teacher_labeled else t_prob
-            if self.pred_prior is not None:
-                prob_u = self._align(prob_u)
             conf_u, pl_u = prob_u.max(1)
             ent_u = entropy(prob_u)
-            box = None
-            if p.cutmix_prob > 0 and float(torch.rand(())) < p.cutmix_prob:
-                h, w = img_u.shape[-2:]
-                box = cutmix_box_mask(img_u.shape[0], h, w, p.cutmix_area, p.cutmix_align).to(img_u.device)
-            mix = (lambda x: cutmix(box, x)) if box is not None else (lambda x: x)
-            if p.strong_photometric:
-                img_u = strong_photometric(img_u, self.cfg.data.mean, self.cfg.data.std)
+            # -- strong view: CutMix, applied alike to images and everything the teacher said
+            mix = self._draw_cutmix(img_u)
             img_s, pl_s, conf_s, ent_s = mix(img_u), mix(pl_u), mix(conf_u), mix(ent_u)
 
         # -- student: one forward over labeled + strong unlabeled
         out = self.model(torch.cat([img_l, img_s]))
-        head = {k: v[:n_l] for k, v in out.items() if k in ("logits", "aux")}
-        losses = sup_losses(self.cfg, head, mask_l)
-        loss = losses["loss"]
+        losses = sup_losses(self.cfg, {k: v[:n_l] for k, v in out.items() if k in ("logits", "aux")}, mask_l)
 
+        # -- unsupervised: CE on the pseudo-labels whose entropy is below the p_t-th percentile
         valid_u = pl_s != ignore
-        thr = percentiles(ent_s, valid_u, [p_t, alpha_t, 100.0 - alpha_t])
+        keep = keep_low_entropy(ent_s, p_t, valid_u, scope="batch")
         adjust = None
-        if self.pl_prior is not None:
-            adjust = self._pseudo_label_adjustment(pl_s, valid_u & (ent_s < thr[0]))
-        loss_u, keep = unsup_loss(out["logits"][n_l:], pl_s, ent_s, thr[0], p.unsup_norm, ignore, adjust)
-        loss = loss + p.unsup_weight * loss_u
-        reliable = valid_u & (ent_s <= thr[1])
-        unreliable = valid_u & (ent_s >= thr[2])
+        if self.prior_adjust is not None:  # not in the paper: logit adjustment for label shift
+            self.prior_adjust.update(pl_s, keep)
+            adjust = self.prior_adjust.offsets()
+        loss_u = unsup_loss(out["logits"][n_l:], pl_s, keep, ignore, adjust)
 
+        # -- contrastive: reliable pixels are anchors, unreliable ones negative keys
+        reliable, unreliable = reliable_split(ent_s, valid_u, alpha_t)
         if p.contrastive:
             if teacher_labeled:
                 prob_l, rep_l, rep_u = t_prob[:n_l], t_out["rep"][:n_l], t_out["rep"][n_l:]
@@ -242,11 +213,10 @@ class U2PL(Method):
             loss_c = self._contrastive(
                 out["rep"], prob_l, rep_l, prob_u, rep_u, mask_l, pl_s, reliable, unreliable, mix
             )
-            loss = loss + p.contrastive_weight * loss_c
         else:
             loss_c = _unused(out)
-            loss = loss + loss_c
 
+        loss = losses["loss"] + p.unsup_weight * loss_u + p.contrastive_weight * loss_c
         n_u = valid_u.sum().clamp(min=1)
         losses.update(
             loss=loss,
@@ -258,47 +228,36 @@ class U2PL(Method):
             reliable_frac=reliable.sum() / n_u,
             pl_conf=conf_s.mean(),
         )
-        losses.update(_pseudo_label_accuracy(unlabeled, pl_u, ent_u, thr[0], ignore))
+        losses.update(_pseudo_label_accuracy(unlabeled, pl_u, ent_u, lambda: percentiles(ent_s, valid_u, [p_t])[0], ignore))
         return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
 
-    def _count_labels(self, mask: Tensor) -> None:
-        """Add the labeled batch's pixels per class (all ranks') to `label_counts`."""
-        valid = (mask >= 0) & (mask < self.num_classes)
-        self.label_counts += self._class_counts(mask, valid)
+    def _warmup_step(self, labeled: dict[str, Any], p_t: float, alpha_t: float) -> dict[str, Tensor]:
+        """The supervised-only warm-up: the labeled loss alone, no teacher forward."""
+        out = self.model(labeled["image"])
+        losses = sup_losses(self.cfg, out, labeled["mask"])
+        zero = _unused(out)
+        losses["loss"] = losses["loss"] + zero
+        losses.update(loss_unsup=zero.detach(), loss_contra=zero.detach())
+        losses.update(drop_percent=_scalar(p_t, zero), alpha_t=_scalar(alpha_t, zero))
+        return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
 
-    def _class_counts(self, labels: Tensor, valid: Tensor) -> Tensor:
-        """Pixels per class where `valid`, summed over all ranks, without a host sync (invalid
-        pixels land in an extra bin that is dropped)."""
-        c = self.num_classes
-        counts = torch.bincount(torch.where(valid, labels, c).flatten(), minlength=c + 1)[:c]
-        return distributed.all_reduce_sum_(counts.double())  # exact well past float32's 2**24
+    def _start_teacher(self, step: int) -> None:
+        """The teacher starts the semi-supervised phase as the student (it is not updated during
+        the warm-up, and its first pseudo-labels come before its first EMA update); with
+        `teacher_reset` it stays a copy for `teacher_reset_iters` steps, as the official code."""
+        if step - self.sup_only_iters() < max(1, self.teacher_reset_iters()):
+            self.teacher.reset(distributed.unwrap(self.model))
+            distributed.broadcast_small_buffers(self.teacher)  # one teacher on every rank (see below)
 
-    def _align(self, prob_u: Tensor) -> Tensor:
-        """Update the running mean teacher prediction with this batch (all ranks), then align."""
-        assert self.pred_prior is not None and self.label_counts is not None
-        self._update_prior(self.pred_prior, distributed.all_reduce_mean(prob_u.float().mean((0, 2, 3))))
-        return align_distribution(prob_u, self._label_prior().to(prob_u.dtype), self.pred_prior.to(prob_u.dtype))
-
-    def _pseudo_label_adjustment(self, pl: Tensor, keep: Tensor) -> Tensor:
-        """Update the running class frequencies of the kept pseudo-labels with this batch (all
-        ranks' pixels), then return the unsupervised CE's logit adjustment."""
-        assert self.pl_prior is not None
-        counts = self._class_counts(pl, keep)
-        total = counts.sum()
-        self._update_prior(self.pl_prior, counts / total.clamp_min(1), total > 0)
-        return prior_adjustment(self.pl_prior, self._label_prior())
-
-    def _update_prior(self, prior: Tensor, cur: Tensor, use: Tensor | None = None) -> None:
-        """EMA with `align_momentum`, started at the first value; left as it is where `use` (a
-        0-d bool tensor, so no host sync) is false."""
-        m = self.p.align_momentum
-        new = torch.where(prior.sum() > 0, m * prior + (1 - m) * cur, cur)
-        prior.copy_(new if use is None else torch.where(use, new, prior))
-
-    def _label_prior(self) -> Tensor:
-        """Class frequencies of the labeled pixels counted so far (alignment's and adjustment's target)."""
-        assert self.label_counts is not None
-        return self.label_counts / self.label_counts.sum().clamp_min(1)
+    def _draw_cutmix(self, img_u: Tensor) -> Callable[[Tensor], Tensor]:
+        """One coin per batch (`cutmix_prob`) and, on heads, one box per sample: a function that
+        mixes any (B, ...) map with it (the identity on tails)."""
+        p = self.p
+        if p.cutmix_prob > 0 and float(torch.rand(())) < p.cutmix_prob:
+            h, w = img_u.shape[-2:]
+            box = cutmix_box_mask(img_u.shape[0], h, w, p.cutmix_area, p.cutmix_align).to(img_u.device)
+            return lambda x: cutmix(box, x)
+        return lambda x: x
 
     def _contrastive(
         self,
@@ -324,7 +283,7 @@ class U2PL(Method):
         size = rep.shape[-2:]
         n_l = prob_l.shape[0]
         with torch.no_grad():
-            down = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+            down = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=self.cfg.model.align_corners)  # noqa: E731
             prob_small = torch.cat([down(prob_l), mix(down(prob_u))])
             rep_t = torch.cat([rep_l, mix(rep_u)])
             label_l = resize_nearest(mask_l, size)
@@ -337,7 +296,7 @@ class U2PL(Method):
             flat = lambda x: x.flatten()  # noqa: E731
             proto, anchor, negative = contrastive_masks(
                 flat(lab), prob_small.permute(0, 2, 3, 1).flatten(0, 2), flat(rel), flat(unrel), flat(is_l),
-                p.delta_p, p.delta_n, p.low_rank, p.high_rank, self.cfg.data.ignore_index, p.negative_mask,
+                p.delta_p, p.delta_n, p.low_rank, p.high_rank, self.cfg.data.ignore_index,
             )
             rep_t = rep_t.permute(0, 2, 3, 1).flatten(0, 2)
             # Queue update before the loss reads it (official order); keys L2-normalised once
@@ -369,13 +328,8 @@ class U2PL(Method):
             log["queue_fill_mean"] = sum(frac) / len(frac)
             for name, f in zip(self.class_names, frac):
                 log[f"queue_fill/{name}"] = f
-        if self.pred_prior is not None and float(self.pred_prior.sum()) > 0:
-            ratio = (self._label_prior().float().clamp_min(1e-6) / self.pred_prior.clamp_min(1e-6)).tolist()
-            for name, r in zip(self.class_names, ratio):
-                log[f"align_ratio/{name}"] = r
-        if self.pl_prior is not None and float(self.pl_prior.sum()) > 0:
-            shift = prior_adjustment(self.pl_prior, self._label_prior()).tolist()
-            for name, a in zip(self.class_names, shift):
+        if self.prior_adjust is not None and float(self.prior_adjust.pl_prior.sum()) > 0:
+            for name, a in zip(self.class_names, self.prior_adjust.offsets().tolist()):
                 log[f"prior_adjust/{name}"] = a
         return log
 
@@ -391,19 +345,27 @@ def _scalar(v: float, like: Tensor) -> Tensor:
 
 
 def _pseudo_label_accuracy(
-    unlabeled: dict[str, Any], pl: Tensor, ent: Tensor, thresh: Tensor, ignore: int
+    unlabeled: dict[str, Any], pl: Tensor, ent: Tensor, drop_threshold: Callable[[], Tensor], ignore: int
 ) -> dict[str, Tensor]:
     """Teacher pseudo-label accuracy on the weak view against the ground truth of unlabeled
-    images that have one (`has_mask`): over all labeled pixels, and over those the entropy
-    threshold keeps. One host sync (`has_mask.any()`) decides whether to log it at all."""
+    images that have one (`has_mask`): over all labeled pixels, and over those the entropy drop
+    keeps (`drop_threshold()`, the strong view's p_t-th percentile, computed only when needed).
+    One host sync (`has_mask.any()`) decides whether to log it at all."""
     has = unlabeled.get("has_mask")
     if has is None or not bool(has.any()):
         return {}
     gt = unlabeled["mask"]
     valid = (gt != ignore) & has.view(-1, 1, 1)
     right = (pl == gt) & valid
-    kept = valid & (ent < thresh)
+    kept = valid & (ent < drop_threshold())
     return {
         "pl_acc": right.sum() / valid.sum().clamp(min=1),
         "pl_acc_kept": (right & kept).sum() / kept.sum().clamp(min=1),
     }
+
+
+def _prior_adjust_old_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before `PriorAdjustment` was a module kept its buffers on the method."""
+    for key in ("label_counts", "pl_prior"):
+        if prefix + key in state_dict:
+            state_dict[prefix + "prior_adjust." + key] = state_dict.pop(prefix + key)

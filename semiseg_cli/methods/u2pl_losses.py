@@ -1,4 +1,5 @@
-"""U2PL's pieces as pure functions of tensors (plus the memory bank, a small buffer-only module).
+"""U2PL's pieces as pure functions of tensors, plus two small buffer-only modules: the memory
+bank and `PriorAdjustment`, the one extension beyond the paper (off unless a preset turns it on).
 
 Everything here is vectorised over pixels, queries and classes: no Python loop per pixel, per
 query or per class, and no `.item()` (the few data-dependent sizes come from `nonzero`).
@@ -17,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg_cli.ops import entropy, percentiles  # noqa: F401 - the method's shared operations
-
-# torch.quantile refuses inputs above 2**24 elements; larger inputs are subsampled uniformly.
-
-
+from semiseg_cli.engine import distributed
+from semiseg_cli.ops import percentiles
 
 # ----------------------------------------------------------------------------- schedules
 
@@ -53,59 +51,84 @@ def alpha_at(frac: float, alpha_0: float) -> float:
 def unsup_loss(
     logits: Tensor,
     target: Tensor,
-    ent: Tensor,
-    thresh: Tensor,
-    norm: str = "official",
+    keep: Tensor,
     ignore_index: int = 255,
     adjust: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Cross-entropy of the student on the pseudo-labels, ignoring pixels whose teacher entropy is
-    at or above `thresh` (the p_t-th percentile). Returns `(loss, kept mask)`.
+) -> Tensor:
+    """Cross-entropy of the student on the pseudo-labels where `keep` (the pixels below the p_t-th
+    entropy percentile, `keep_low_entropy`), normalised as the official code: mean CE over kept
+    pixels times `B*H*W / #kept` (a re-weighting that grows the loss as more pixels are dropped).
+    Nothing kept gives a zero that still depends on `logits` (DDP needs the graph).
 
-    `norm="official"`: mean CE over kept pixels times `B*H*W / #kept` (the official code's
-    re-weighting, which grows the loss as more pixels are dropped); `"mean"`: the plain mean over
-    kept pixels. Nothing kept gives a zero that still depends on `logits` (DDP needs the graph).
-    `adjust` (`(C,)`, see `prior_adjustment`) is added to every pixel's logits inside the loss.
+    `adjust` (`(C,)`, `PriorAdjustment.offsets`; None = the paper) is added to every pixel's
+    logits inside the loss.
     """
     logits = logits.float()
     if adjust is not None:
         logits = logits + adjust.to(logits.dtype).view(1, -1, *([1] * (logits.dim() - 2)))
-    keep = (target != ignore_index) & (ent < thresh)
     tgt = torch.where(keep, target, torch.full_like(target, ignore_index))
     ce_sum = F.cross_entropy(logits, tgt, ignore_index=ignore_index, reduction="sum")
     kept = keep.sum().clamp(min=1).to(logits.dtype)
     loss = ce_sum / kept
-    if norm == "official":
-        loss = loss * (target.numel() / kept)
-    elif norm != "mean":
-        raise ValueError(f"unknown unsup_norm {norm!r}")
-    return loss, keep
+    return loss * (target.numel() / kept)
 
 
-def align_distribution(prob: Tensor, target: Tensor, current: Tensor, eps: float = 1e-6) -> Tensor:
-    """Distribution alignment (ReMixMatch, Berthelot et al. 2020; not part of U2PL): scale each
-    class's probability by `target[c] / current[c]` and renormalise over classes.
+def reliable_split(ent: Tensor, valid: Tensor, alpha_t: float) -> tuple[Tensor, Tensor]:
+    """The contrastive term's (reliable, unreliable) pixels: entropy at or below the alpha_t-th
+    percentile of the valid pixels, and at or above the (100 - alpha_t)-th (one threshold pair for
+    the whole batch, as the official `np.percentile`)."""
+    low, high = percentiles(ent, valid, [alpha_t, 100.0 - alpha_t])
+    return valid & (ent <= low), valid & (ent >= high)
 
-    `prob` is `(B, C, ...)`; `target` the class prior the pseudo-labels should follow (the labeled
-    pixels' class frequencies) and `current` the running mean of the teacher's predictions, both
-    `(C,)` and summing to 1. Classes the teacher under-predicts gain mass, so its pseudo-labels
-    stop erasing a class it has only half learned.
+
+class PriorAdjustment(nn.Module):
+    """Label-shift correction of the unsupervised CE (not part of U2PL; logit adjustment, Menon et
+    al., ICLR 2021): `offsets() = log(pi_pl) - log(pi_lab)`, added to the student's unlabeled
+    logits inside that CE, so its minimiser is the labeled class prior `pi_lab` instead of the
+    kept pseudo-labels' `pi_pl`. A class the teacher seldom keeps (a rare class it has only half
+    learned) gets a negative offset and stops being pushed down by every other kept pixel.
+
+    State (buffers, so checkpoints and `--resume` keep it): `label_counts`, the labeled pixels
+    per class since step 0 (warm-up included; float64, exact well past float32's 2**24), and
+    `pl_prior`, an EMA (`momentum` per step, started by the first batch with kept pixels) of the
+    kept pseudo-labels' class frequencies. Counts are summed over all ranks without a host sync.
     """
-    ratio = target.clamp_min(eps) / current.clamp_min(eps)
-    scaled = prob * ratio.to(prob.dtype).view(1, -1, *([1] * (prob.dim() - 2)))
-    return scaled / scaled.sum(1, keepdim=True).clamp_min(eps)
 
+    def __init__(self, num_classes: int, momentum: float = 0.99) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.momentum = momentum
+        self.label_counts: Tensor
+        self.pl_prior: Tensor
+        self.register_buffer("label_counts", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("pl_prior", torch.zeros(num_classes))
 
-def prior_adjustment(source: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """Logit adjustment for label shift (Menon et al. 2021; not part of U2PL):
-    `log(source[c]) - log(target[c])`, both `(C,)` class priors.
+    def count_labels(self, mask: Tensor) -> None:
+        """Add a labeled batch's pixels per class (every step, the warm-up's too)."""
+        self.label_counts += self._class_counts(mask, (mask >= 0) & (mask < self.num_classes))
 
-    Added to the logits inside a cross-entropy whose targets follow `source` (the kept
-    pseudo-labels), it makes the softmax of the raw logits fit `target` (the labeled prior)
-    instead: the loss minimiser moves from `source` to `target`. A class the targets hold less
-    often than `target` gets a negative shift, so the loss stops pushing its logit down.
-    """
-    return torch.log(source.float().clamp_min(eps)) - torch.log(target.float().clamp_min(eps))
+    def update(self, pseudo_label: Tensor, keep: Tensor) -> None:
+        """Blend this batch's kept pseudo-labels' class frequencies into `pl_prior` (left as it is
+        when nothing is kept)."""
+        counts = self._class_counts(pseudo_label, keep)
+        total = counts.sum()
+        cur = counts / total.clamp_min(1)
+        m = self.momentum
+        new = torch.where(self.pl_prior.sum() > 0, m * self.pl_prior + (1 - m) * cur, cur)
+        self.pl_prior.copy_(torch.where(total > 0, new, self.pl_prior))
+
+    def offsets(self) -> Tensor:
+        """`log(pi_pl[c]) - log(pi_lab[c])`, (C,) float32 (both priors clamped at 1e-6)."""
+        label_prior = self.label_counts / self.label_counts.sum().clamp_min(1)
+        eps = 1e-6
+        return torch.log(self.pl_prior.float().clamp_min(eps)) - torch.log(label_prior.float().clamp_min(eps))
+
+    def _class_counts(self, labels: Tensor, valid: Tensor) -> Tensor:
+        """Pixels per class where `valid`, summed over all ranks (invalid pixels land in an extra
+        bin that is dropped)."""
+        c = self.num_classes
+        counts = torch.bincount(torch.where(valid, labels, c).flatten(), minlength=c + 1)[:c]
+        return distributed.all_reduce_sum_(counts.double())
 
 
 # ----------------------------------------------------------------------------- CutMix
@@ -189,7 +212,6 @@ def contrastive_masks(
     low_rank: int,
     high_rank: int,
     ignore_index: int = 255,
-    negative_mask: str = "paper",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pixel, per-class roles at the representation stride. All inputs flattened to P pixels:
     `label` (P,) ground truth or pseudo-label, `prob` (P, C) teacher probabilities, `reliable`,
@@ -201,15 +223,9 @@ def contrastive_masks(
       and unlabeled unreliable pixels whose teacher rank for c is in [low_rank, high_rank);
       both with prob_c < delta_n (1.0 in the official config: no filtering).
 
-    `negative_mask = "paper"` is the paper's definition above. `"code"` is the official code's
-    arithmetic: the same mask multiplied by the one-hot label of c as well, which empties the
-    labeled part (label = c and label != c) and keeps only unreliable unlabeled pixels whose
-    pseudo-label *is* c while the teacher ranks c in [low_rank, high_rank). With this single
-    teacher pass that is (almost) never the case, so the queues stay (almost) empty; see
-    docs/methods_u2pl.md.
+    This is the paper's definition, per image. The official code's masks differ (its one-hot
+    labels and its negative mask's arithmetic); docs/methods_u2pl.md, "Paper vs official code".
     """
-    if negative_mask not in ("paper", "code"):
-        raise ValueError(f"negative_mask must be 'paper' or 'code', not {negative_mask!r}")
     num_classes = prob.shape[1]
     valid = label != ignore_index
     onehot = F.one_hot(torch.where(valid, label, torch.zeros_like(label)), num_classes).bool() & valid[:, None]
@@ -219,8 +235,6 @@ def contrastive_masks(
     neg_l = is_labeled[:, None] & valid[:, None] & (ranks < low_rank) & ~onehot
     neg_u = ~is_labeled[:, None] & unreliable[:, None] & (ranks >= low_rank) & (ranks < high_rank)
     negative = (neg_l | neg_u) & (prob < delta_n)
-    if negative_mask == "code":
-        negative = negative & onehot
     return proto, anchor, negative
 
 
