@@ -20,7 +20,6 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from semiseg_cli.errors import UserError
 
 
 @dataclass
