@@ -38,7 +38,7 @@ _UNSET = object()
 app = typer.Typer(
     name="semiseg",
     cls=SemisegGroup,
-    help="Semantic segmentation with scarce labels: semi-supervised (U2PL, AdvSemiSeg) and weakly supervised (DuPL).",
+    help="Semantic segmentation with scarce labels: semi-supervised (UniMatch, FixMatch, U2PL, AdvSemiSeg) and weakly supervised (DuPL).",
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -92,7 +92,7 @@ def prepare_splits_cmd(
 @app.command("train", rich_help_panel="Train and evaluate")
 def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name in presets/ or a .toml path.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="supervised | u2pl | advsemiseg | dupl (overrides the preset).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="supervised | u2pl | advsemiseg | dupl | fixmatch | unimatch (overrides the preset).")] = None,
     labeled: Annotated[Optional[str], typer.Option(help="Labeled fraction or count drawn from the training pool, e.g. 1/8.", rich_help_panel="Data")] = None,
     labeled_list: Annotated[Optional[Path], typer.Option(help="labeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
     unlabeled_list: Annotated[Optional[Path], typer.Option(help="unlabeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
@@ -110,7 +110,7 @@ def train_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the shipped presets and exit.")] = False,
 ) -> None:
-    """Train a model (supervised baseline, U2PL, AdvSemiSeg or DuPL).
+    """Train a model (supervised baseline, U2PL, AdvSemiSeg, FixMatch, UniMatch or DuPL).
 
     Example: [cyan]semiseg train --preset u2pl_mbv2-os16_1x4+4-1200it_camvid-176x224 --labeled 1/8[/]
     """

@@ -174,7 +174,7 @@ class SupervisedConfig(RunBase):
 
 
 # Method sections live beside their methods; imported here so the union below is complete.
-from semiseg_cli.methods.params import AdvSemiSegParams, DuPLParams, U2PLParams  # noqa: E402
+from semiseg_cli.methods.params import AdvSemiSegParams, DuPLParams, FixMatchParams, U2PLParams, UniMatchParams  # noqa: E402
 
 
 class U2PLConfig(RunBase):
@@ -192,11 +192,21 @@ class DuPLConfig(RunBase):
     dupl: DuPLParams = DuPLParams()
 
 
+class FixMatchConfig(RunBase):
+    method: Literal["fixmatch"]
+    fixmatch: FixMatchParams = FixMatchParams()
+
+
+class UniMatchConfig(RunBase):
+    method: Literal["unimatch"]
+    unimatch: UniMatchParams = UniMatchParams()
+
+
 RunConfig = Annotated[
-    Union[SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig],
+    Union[SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig, FixMatchConfig, UniMatchConfig],
     Field(discriminator="method"),
 ]
-METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl")
+METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl", "fixmatch", "unimatch")
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunConfig)
 
 

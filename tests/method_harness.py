@@ -80,6 +80,8 @@ def batches_for(method: Any, num_classes: int, seed: int = 0) -> tuple[dict[str,
     if method.uses_tags:
         lab["gt_mask"] = lab.pop("mask")
     unl = tiny_batch(num_classes, seed=seed + 100) if method.uses_unlabeled else None
+    if unl is not None and method.unlabeled_partner:  # the loop's second pass over the unlabeled pool
+        unl["partner"] = tiny_batch(num_classes, seed=seed + 200)
     return lab, unl
 
 

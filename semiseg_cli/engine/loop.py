@@ -284,6 +284,10 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
     bu = cfg.data.unlabeled_batch_size or bl
     it_l = infinite_loader(data.ds_l, bl, cfg.data.workers, cfg.train.seed, 0, start * accum, pin)
     it_u = infinite_loader(data.ds_u, bu, cfg.data.workers, cfg.train.seed, 1, start * accum, pin) if data.ds_u else None
+    # A second, independently shuffled pass over the unlabeled pool for methods that mix each
+    # image with a partner from another batch (FixMatch/UniMatch's CutMix, as the official code).
+    it_p = (infinite_loader(data.ds_u, bu, cfg.data.workers, cfg.train.seed, 2, start * accum, pin)
+            if data.ds_u and method.unlabeled_partner else None)
     meter = StepMeter()
     plain = show and not getattr(console, "is_terminal", False)  # no live bar off a terminal: lines instead
     bar = _progress(console, enabled=show and not plain)
@@ -294,7 +298,7 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
         set_rng_state(resume_rng)
     with bar:
         for step in range(start, total):
-            meter.add(_train_step(method, specs, it_l, it_u, device, accum, run.amp, step, folder.path, cfg.optim.lr))
+            meter.add(_train_step(method, specs, (it_l, it_u, it_p), device, accum, run.amp, step, folder.path, cfg.optim.lr))
             distributed.average_gradients(other_params)
             for spec in specs:
                 if step % spec.every == 0:
@@ -357,10 +361,12 @@ class StepMeter:
         return rec
 
 
-def _train_step(method: Method, specs: list, it_l: Any, it_u: Any, device: torch.device, accum: int, amp: bool,
+def _train_step(method: Method, specs: list, streams: tuple[Any, Any, Any], device: torch.device, accum: int, amp: bool,
                 step: int, run_dir: Path, lr: float) -> dict[str, tuple[torch.Tensor, int]]:
     """One iteration's forward/backward passes: `accum` micro-batches, gradients summed.
+    `streams`: the labeled, unlabeled and partner iterators (the last two may be None).
     Returns each logged value summed over the micro-batches, with its count."""
+    it_l, it_u, it_p = streams
     for spec in specs:
         spec.optimizer.zero_grad(set_to_none=True)
     out: dict[str, tuple[torch.Tensor, int]] = {}
@@ -369,6 +375,8 @@ def _train_step(method: Method, specs: list, it_l: Any, it_u: Any, device: torch
         if method.uses_tags:
             batch_l = _hide_masks(batch_l)
         batch_u = to_device(next(it_u), device) if it_u is not None else None
+        if batch_u is not None and it_p is not None:
+            batch_u["partner"] = to_device(next(it_p), device)
         sync = micro == accum - 1 or not isinstance(method.model, nn.parallel.DistributedDataParallel)
         with (nullcontext() if sync else method.model.no_sync()):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -11,6 +11,8 @@ _MODULES = {
     "u2pl": ("semiseg_cli.methods.u2pl", "U2PL"),
     "advsemiseg": ("semiseg_cli.methods.advsemiseg", "AdvSemiSeg"),
     "dupl": ("semiseg_cli.methods.dupl", "DuPL"),
+    "fixmatch": ("semiseg_cli.methods.fixmatch", "FixMatch"),
+    "unimatch": ("semiseg_cli.methods.unimatch", "UniMatch"),
 }
 
 

@@ -102,6 +102,9 @@ class Method(nn.Module):
     name: ClassVar[str] = "base"
     uses_unlabeled: ClassVar[bool] = False  # the loop builds an unlabeled loader when True
     uses_tags: ClassVar[bool] = False  # labeled data carry image-level tags only (DuPL)
+    # The unlabeled batch also carries `partner`: a batch from a second, independently shuffled
+    # pass over the unlabeled pool (FixMatch/UniMatch take their CutMix partners from it).
+    unlabeled_partner: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, num_classes: int, class_names: list[str]) -> None:
         super().__init__()

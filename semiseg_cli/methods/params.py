@@ -231,3 +231,24 @@ class DuPLParams(_Params):
         if self.fixed_tau_classes and not self.per_class_tau:
             raise ValueError("fixed_tau_classes only applies with per_class_tau = true")
         return self
+
+
+class FixMatchParams(_Params):
+    """FixMatch for segmentation as the UniMatch paper's baseline (Sohn et al. 2020; Yang et al.
+    2023, official fixmatch.py). See docs/methods_unimatch.md."""
+
+    SECTION: ClassVar[str] = "fixmatch"
+
+    # Confidence threshold tau on the weak view's pseudo-labels: 0.95 (VOC/COCO); the official
+    # Cityscapes recipe uses 0 (every pixel).
+    conf_thresh: float = Field(0.95, ge=0, le=1)
+    cutmix_prob: float = Field(0.5, ge=0, le=1)  # per image, as the official code
+
+
+class UniMatchParams(FixMatchParams):
+    """UniMatch (CVPR 2023): FixMatch with two strong views and a feature-perturbation stream.
+    The loss weights are the paper's: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2."""
+
+    SECTION: ClassVar[str] = "unimatch"
+
+    fp_dropout: float = Field(0.5, ge=0, lt=1)  # Dropout2d on the encoder's low and last features

@@ -7,7 +7,7 @@ takes its size from a tensor's shape, so odd input sizes work and the graph expo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,11 @@ FreezeBN = Literal["none", "affine", "all"]
 
 
 def _resize(x: Tensor, like: Tensor, align_corners: bool = False) -> Tensor:
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=align_corners)
+    return _resize_to(x, like.shape[-2:], align_corners)
+
+
+def _resize_to(x: Tensor, size: Any, align_corners: bool = False) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
@@ -193,16 +197,37 @@ class DeepLabV3Plus(SegModel):
             init_conv_bn(self.rep)
         self._freeze_backbone_bn(freeze_bn)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, feature_dropout: float = 0.0) -> dict[str, Tensor]:
+        """Logits (and `rep`/`aux`); with `feature_dropout` > 0 also `logits_fp`: the same encoder
+        features decoded again after Dropout2d on the low- and high-level ones (UniMatch's
+        feature perturbation, in the same call so DDP sees one forward)."""
+        f = self.encode(x)
+        if not feature_dropout:
+            return self.decode(f, x.shape[-2:])
+        n = x.shape[0]
+        both = {k: torch.cat([v, F.dropout2d(v, feature_dropout, self.training)]) if k in ("low", "out") else torch.cat([v, v])
+                for k, v in f.items()}
+        out = self.decode(both, x.shape[-2:])
+        res = {k: v[:n] for k, v in out.items()}
+        res["logits_fp"] = out["logits"][n:]
+        return res
+
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        """The encoder's features: `low` (stride 4), `mid` (stride 16) and `out` (the last stage).
+        With `decode`, the split a feature-perturbation stream needs (UniMatch decodes the same
+        features again after dropout)."""
+        return self.backbone(x)
+
+    def decode(self, f: dict[str, Tensor], size: tuple[int, int] | torch.Size) -> dict[str, Tensor]:
+        """Logits at `size` (and `rep`/`aux` when those heads exist) from `encode`'s features."""
         ac = self.align_corners
-        f = self.backbone(x)
         low = self.low_proj(f["low"])
         fused = torch.cat([low, _resize(self.aspp(f["out"]), low, ac)], dim=1)
-        out = {"logits": _resize(self.classifier(fused), x, ac), "feat": f["out"]}
+        out = {"logits": _resize_to(self.classifier(fused), size, ac), "feat": f["out"]}
         if self.rep is not None:
             out["rep"] = self.rep(fused)
-        if self.aux is not None:
-            out["aux"] = _resize(self.aux(f["mid"]), x, ac)
+        if self.aux is not None and "mid" in f:
+            out["aux"] = _resize_to(self.aux(f["mid"]), size, ac)
         return out
 
 
