@@ -86,6 +86,8 @@ class Runner:
         if cls.uses_tags:
             self.lab["gt_mask"] = self.lab.pop("mask")
         self.unl = synthetic_batch(bu, crop, num_classes, device, 1) if cls.uses_unlabeled else None  # type: ignore[arg-type]
+        if self.unl is not None and cls.unlabeled_partner:  # FixMatch/UniMatch: the second unlabeled stream
+            self.unl["partner"] = synthetic_batch(bu, crop, num_classes, device, 2)  # type: ignore[arg-type]
         self.images = bl + (bu if self.unl is not None else 0)
         self.device = device
         self.step = step

@@ -42,7 +42,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 steps=20; big=5; CAM=(--set model.pretrained="$W")
 [ "$QUICK" = 1 ] && steps=1 && big=1 && CAM+=(--warmup 1 --set "data.crop_size=[64,64]")
 bench() { log "bench $*"; timeout 150 $PY bench/bench_train_step.py --device "$DEVICE" "$@" 2>&1 | tail -n 12; }
-bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2pl,u2pl_student=u2pl+u2pl.labeled_keys=student,advsemiseg \
+bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2pl,u2pl_student=u2pl+u2pl.labeled_keys=student,advsemiseg,fixmatch,unimatch \
   --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_$DEVICE.json"
 bench --preset u2pl_mbv2-os16_1x4+4-300it_camvid-176x224 --methods supervised,u2pl --set u2pl.delta_p=0.0 \
   --steps $steps "${CAM[@]}" --out "$RES/train_step_camvid_deltap0_$DEVICE.json"
@@ -82,6 +82,8 @@ SUP=supervised_mbv2-os16_1x4-300it_camvid-176x224
 U2=u2pl_mbv2-os16_1x4+4-300it_camvid-176x224
 ADV=advsemiseg_mbv2-os16_1x4+4-300it_camvid-176x224
 DU=dupl_mbv2-os16_1x4-300it_camvid-176x224
+UM=unimatch_mbv2-os16_1x4+4-300it_camvid-176x224
+FM=fixmatch_mbv2-os16_1x4+4-300it_camvid-176x224
 run() {  # name preset [train args...]: train, then evaluate best.pt on val (and DuPL's CAMs on train)
   local name=$1 preset=$2; shift 2
   local out="$RUNS/$name"
@@ -100,6 +102,8 @@ pids=()
 run sup "$SUP" "${it[@]}" & pids+=($!)
 run u2pl "$U2" "${UNL[@]}" "${it[@]}" & pids+=($!)
 run adv "$ADV" "${UNL[@]}" "${it[@]}" & pids+=($!)
+run unimatch "$UM" "${UNL[@]}" "${it[@]}" & pids+=($!)
+run fixmatch "$FM" "${UNL[@]}" "${it[@]}" & pids+=($!)
 run dupl "$DU" "${it[@]}" & pids+=($!)
 run dupl_nogmm "$DU" "${it[@]}" --set dupl.gmm=false & pids+=($!)
 run dupl_nocons "$DU" "${it[@]}" --set dupl.consistency=false & pids+=($!)
@@ -109,6 +113,7 @@ if [ "$LONG_ITERS" -gt 0 ]; then
   L=(--iters "$LONG_ITERS" --set train.val_interval=$(( LONG_ITERS / 4 )) --set train.ckpt_interval=$(( LONG_ITERS / 4 )))
   run sup_long "$SUP" "${L[@]}" & pids+=($!)
   run u2pl_long "$U2" "${UNL[@]}" "${L[@]}" --set u2pl.sup_only_iters=$(( 60 * k )) & pids+=($!)
+  run unimatch_long "$UM" "${UNL[@]}" "${L[@]}" & pids+=($!)
   run adv_long "$ADV" "${UNL[@]}" "${L[@]}" --set advsemiseg.semi_start=$(( 75 * k )) & pids+=($!)
   run dupl_long "$DU" "${L[@]}" --set dupl.seg_start=$(( 90 * k )) --set dupl.gmm_start=$(( 180 * k )) \
     --set optim.warmup_iters=$(( 30 * k )) & pids+=($!)
