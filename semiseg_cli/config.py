@@ -92,12 +92,19 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The segmentation network."""
 
-    arch: Literal["deeplabv3plus", "deeplabv2"] = "deeplabv3plus"
-    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v2"] = "resnet18"
+    # "dpt": a ViT encoder (timm, the `timm` extra) under a DPT head, UniMatch V2's network
+    # (models/dpt.py); its backbones are the DINOv2 ViTs and "vit_tiny14" (random init, CPU demo).
+    arch: Literal["deeplabv3plus", "deeplabv2", "dpt"] = "deeplabv3plus"
+    backbone: Literal[
+        "resnet18", "resnet50", "resnet101", "mobilenet_v2",
+        "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "vit_tiny14",
+    ] = "resnet18"
     output_stride: Literal[8, 16] = 16
     deep_stem: bool = False
     multi_grid: tuple[Pos, Pos, Pos] | None = None
     # "imagenet" (torchvision download, for users), a path to a local state dict, or none.
+    # arch "dpt": the backbone's own name ("dinov2_vitb14": DINOv2 through timm, needs a network),
+    # a local .pth/.safetensors state dict, or none.
     pretrained: str | None = None
     aspp_dilations: tuple[Pos, ...] | None = Field(None, min_length=1)  # None: (6,12,18) at OS16, (12,24,36) at OS8
     aspp_channels: int = Field(256, ge=1)
@@ -174,7 +181,9 @@ class SupervisedConfig(RunBase):
 
 
 # Method sections live beside their methods; imported here so the union below is complete.
-from semiseg_cli.methods.params import AdvSemiSegParams, DuPLParams, FixMatchParams, U2PLParams, UniMatchParams  # noqa: E402
+from semiseg_cli.methods.params import (  # noqa: E402
+    AdvSemiSegParams, DuPLParams, FixMatchParams, U2PLParams, UniMatchParams, UniMatchV2Params,
+)
 
 
 class U2PLConfig(RunBase):
@@ -202,11 +211,16 @@ class UniMatchConfig(RunBase):
     unimatch: UniMatchParams = UniMatchParams()
 
 
+class UniMatchV2Config(RunBase):
+    method: Literal["unimatch_v2"]
+    unimatch_v2: UniMatchV2Params = UniMatchV2Params()
+
+
 RunConfig = Annotated[
-    Union[SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig, FixMatchConfig, UniMatchConfig],
+    Union[SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig, FixMatchConfig, UniMatchConfig, UniMatchV2Config],
     Field(discriminator="method"),
 ]
-METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl", "fixmatch", "unimatch")
+METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl", "fixmatch", "unimatch", "unimatch_v2")
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunConfig)
 
 

@@ -163,7 +163,7 @@ def _metadata(cfg: Any, ckpt: dict[str, Any], weights: str, precision: str, expo
         "preset": cfg.name,
         "method": cfg.method,
         "dataset": cfg.data.dataset,
-        "architecture": f"{cfg.model.arch} {cfg.model.backbone} os{cfg.model.output_stride}",
+        "architecture": f"{cfg.model.arch} {cfg.model.backbone}" + ("" if cfg.model.arch == "dpt" else f" os{cfg.model.output_stride}"),
         "weights": weights,
         "step": str(ckpt.get("step")),
         "precision": precision,

@@ -404,7 +404,7 @@ def test_12_every_preset_named_in_help_readme_and_docs_exists() -> None:
     repo = Path(__file__).resolve().parents[1]
     texts = [runner.invoke(app, [c, "--help"], terminal_width=400).stdout for c in ("train", "eval", "pseudo-label", "export")]
     texts += [p.read_text() for p in [repo / "README.md", *sorted((repo / "docs").glob("*.md")), repo / "Makefile"]]
-    named = set(re.findall(r"\b((?:supervised|u2pl|advsemiseg|dupl)_[a-z0-9]+(?:-os\d+)?_\d+x[\d+]+-\w+_[\w-]+?-\d+(?:x\d+)?)\b", "\n".join(texts)))
+    named = set(re.findall(r"\b((?:supervised|u2pl|advsemiseg|dupl|fixmatch|unimatch|unimatch_v2)_[a-z0-9-]+(?:-os\d+)?_\d+x[\d+]+-\w+_[\w-]+?-\d+(?:x\d+)?)\b", "\n".join(texts)))
     assert named, "the pattern found no preset names"
     assert named <= set(list_presets()), sorted(named - set(list_presets()))
 

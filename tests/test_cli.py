@@ -48,7 +48,7 @@ def test_train_dry_run_prints_the_resolved_config() -> None:
     [
         (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
         (["--preset", "no-such-preset"], "unknown preset"),
-        (["--method", "fixmatch"], "unknown method"),
+        (["--method", "mixmatch"], "unknown method"),
         (["--crop-size", "abc"], "--crop-size"),
         (["--labeled", "1/8", "--labeled-list", "x.txt"], "contradict"),
         (["--device", "cuda:7"], None),

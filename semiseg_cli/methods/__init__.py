@@ -13,6 +13,7 @@ _MODULES = {
     "dupl": ("semiseg_cli.methods.dupl", "DuPL"),
     "fixmatch": ("semiseg_cli.methods.fixmatch", "FixMatch"),
     "unimatch": ("semiseg_cli.methods.unimatch", "UniMatch"),
+    "unimatch_v2": ("semiseg_cli.methods.unimatch_v2", "UniMatchV2"),
 }
 
 

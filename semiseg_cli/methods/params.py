@@ -252,3 +252,14 @@ class UniMatchParams(FixMatchParams):
     SECTION: ClassVar[str] = "unimatch"
 
     fp_dropout: float = Field(0.5, ge=0, lt=1)  # Dropout2d on the encoder's low and last features
+
+
+class UniMatchV2Params(FixMatchParams):
+    """UniMatch V2 (arXiv 2410.10777): an EMA teacher labels the weak view; two strong views in
+    one student forward with complementary channel dropout on the encoder's features. The loss
+    weights are the paper's: (L_x + (L_s1 + L_s2) / 2) / 2. See docs/methods_unimatch.md."""
+
+    SECTION: ClassVar[str] = "unimatch_v2"
+
+    # The teacher's EMA decay at step t is min(1 - 1/(t+1), ema_decay), parameters and buffers.
+    ema_decay: float = Field(0.996, gt=0, lt=1)

@@ -35,6 +35,15 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     """The network described by `model_cfg`, predicting `num_classes` classes."""
     if num_classes < 1:
         raise UserError(f"the dataset must have at least one class (got {num_classes})")
+    from semiseg_cli.models.dpt import ENCODERS, build_dpt  # timm itself is imported only inside build_dpt
+
+    if model_cfg.arch == "dpt":
+        return build_dpt(model_cfg, num_classes)
+    if model_cfg.backbone in ENCODERS:
+        raise UserError(
+            f'model.backbone = {model_cfg.backbone!r} is a ViT encoder for model.arch = "dpt" '
+            f"(got arch {model_cfg.arch!r}); set model.arch=dpt or a CNN backbone"
+        )
     if model_cfg.arch == "deeplabv2":
         if model_cfg.rep_head:
             raise UserError('model.rep_head needs arch = "deeplabv3plus" (DeepLab-v2 has no stride-4 decoder)')
