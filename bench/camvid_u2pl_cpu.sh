@@ -4,7 +4,7 @@
 # presets' 60-of-300. Every run: same split files, preset family, seed, iterations; validation of
 # the final weights (last.pt: the EMA teacher for U2PL). Resumes: a finished run is skipped, a
 # killed one continues from its last.pt.
-#   ITERS=1200 [SEED=1] bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...]
+#   ITERS=1200 [SEED=1] bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...] [LABEL=unimatch[+key=val]] [LABEL=fixmatch]
 # Default variants: U2PL as the preset (no teacher-reset window) and with the official code's
 # one-epoch reset window.
 # SEED (default 0) sets train.seed for every run (the split stays the seed-0 one); a seed other
@@ -40,7 +40,10 @@ run() {  # label preset [--set ...]
   if [ -f "$out/eval.json" ]; then echo "$label: done already"; test_eval "$out"; return; fi
   local args=(--preset "$preset" --root "$ROOT" --labeled-list "$SPLITS/labeled.txt" --out "$out"
               --iters "$ITERS" --set train.val_interval=$(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) --set train.ckpt_interval=$(( ITERS / 12 > 0 ? ITERS / 12 : 1 )) --set train.seed=$SEED)
-  case $preset in u2pl*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set u2pl.sup_only_iters=$WARM);; esac
+  case $preset in
+    u2pl*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set u2pl.sup_only_iters=$WARM);;
+    unimatch*|fixmatch*|advsemiseg*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt");;
+  esac
   if [ -f "$out/last.pt" ]; then args+=(--resume); else args+=(--overwrite); fi
   echo "$(date +%T) $label: train ${args[*]} $*"
   $PY -m semiseg_cli train "${args[@]}" "$@" > "$out.log" 2>&1
@@ -59,9 +62,12 @@ run supervised "$SUP"
 reports=("$OUT/supervised/eval.json"); tests=("$OUT/supervised/eval_test.json")
 for v in "${variants[@]}"; do
   label=${v%%=*}; spec=${v#*=}; [ "$label" = "$v" ] && spec=u2pl
-  sets=(); IFS=+ read -ra parts <<< "${spec#u2pl}"
+  method=${spec%%+*}  # u2pl | unimatch | fixmatch: the method's 300-iteration CamVid preset
+  case $method in u2pl) preset=$U2;; unimatch|fixmatch) preset=${method}_mbv2-os16_1x4+4-300it_camvid-176x224;;
+    *) echo "unknown method $method in $v (u2pl, unimatch, fixmatch)"; exit 2;; esac
+  sets=(); IFS=+ read -ra parts <<< "${spec#"$method"}"
   for kv in "${parts[@]}"; do [ -n "$kv" ] && sets+=(--set "$kv"); done
-  run "$label" "$U2" "${sets[@]}"
+  run "$label" "$preset" "${sets[@]}"
   reports+=("$OUT/$label/eval.json"); tests+=("$OUT/$label/eval_test.json")
 done
 $PY bench/compare_runs.py "${reports[@]}" --out "bench/results/camvid_u2pl_cpu_$ITERS$SUFFIX.json"
