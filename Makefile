@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) bench/compare_runs.py runs/demo-supervised/eval.json runs/demo-u2pl/eval.json
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) bench/bench_train_step.py --preset supervised_mbv2-os16_1x4-300it_camvid-176x224 --device cpu
