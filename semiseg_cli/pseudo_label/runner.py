@@ -158,7 +158,11 @@ def run_pseudo_label(
     skipped = len(stems) - len(todo)
 
     ds = PseudoLabelDataset(layout, pairs, cfg.data.mean, cfg.data.std, cfg.data.resize, s.overlays)
-    batches = size_batches(todo, sizes, s.batch_size)
+    # The batches are cut over every image, then the finished ones are dropped: a resumed dump
+    # predicts each remaining image in the same batch as an uninterrupted one (batched kernels
+    # may round differently for another batch size or composition), and writes only what is missing.
+    pending = set(todo)
+    batches = [b for b in size_batches(range(len(stems)), sizes, s.batch_size) if pending.intersection(b)]
     loader = DataLoader(ds, batch_sampler=batches, num_workers=s.workers, collate_fn=collate,  # type: ignore[arg-type]
                         pin_memory=dev.type == "cuda", persistent_workers=False)
     amp = s.amp and dev.type == "cuda"
@@ -174,8 +178,8 @@ def run_pseudo_label(
                 if "error" in batch:
                     error = batch["error"]
                     break
-                _process_batch(model, batch, inf, dev, amp, num_classes, s, stems, pairs, wanted, writer)
-                bar.advance(task, len(batch["index"]))
+                _process_batch(model, batch, inf, dev, amp, num_classes, s, stems, pairs, wanted, writer, pending)
+                bar.advance(task, len(pending.intersection(batch["index"])))
             writer.drain()
     finally:
         try:
@@ -199,9 +203,9 @@ def run_pseudo_label(
 
 def _process_batch(model: "nn.Module", batch: dict[str, Any], inf: Any, dev: "torch.device", amp: bool, num_classes: int,
                    s: PseudoLabelSettings, stems: Sequence[str], pairs: Sequence[tuple[str, str | None]],
-                   wanted: Sequence[dict[str, str]], writer: Writer) -> None:
-    """Predict one same-size batch, threshold and count it on the device, and hand each image's
-    arrays and record to the writer (one host copy per array for the whole batch)."""
+                   wanted: Sequence[dict[str, str]], writer: Writer, pending: set[int]) -> None:
+    """Predict one same-size batch, threshold and count it on the device, and hand the arrays and
+    record of each image still `pending` to the writer (one host copy per array for the batch)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -234,6 +238,8 @@ def _process_batch(model: "nn.Module", batch: dict[str, Any], inf: Any, dev: "to
     counts_np = {k: v.cpu().numpy() for k, v in counts.items()}
     rgb = batch.get("rgb")
     for b, idx in enumerate(batch["index"]):
+        if idx not in pending:
+            continue
         img, mask = pairs[idx]
         rec: dict[str, Any] = {
             "image": img,
