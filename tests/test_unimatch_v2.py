@@ -236,15 +236,19 @@ class TestUniMatchV2(MethodChecks):
     overrides = TINY_DPT + ["unimatch_v2.conf_thresh=0.0"]  # every pixel used: the unsupervised terms reach the weights
 
 
-def _demo_run(demo_root: Path, out: Path, iters: int = 2) -> Any:
-    from semiseg_cli.engine.loop import train
-
-    cfg = build_config(DEMO_PRESET, [
+def _demo_overrides(demo_root: Path, out: Path, iters: int, ckpt_interval: int) -> list[str]:
+    return [
         f'data.root="{demo_root}"', f'out="{out}"', 'data.labeled="1/2"', "data.batch_size=2",
         "data.unlabeled_batch_size=2", "data.workers=0", f"train.iters={iters}", "train.val_interval=0",
-        f"train.ckpt_interval={iters}", "train.log_interval=1", 'train.device="cpu"', "unimatch_v2.conf_thresh=0.5",
-    ])
-    return train(cfg, progress=False)
+        f"train.ckpt_interval={ckpt_interval}", "train.log_interval=1", 'train.device="cpu"', "unimatch_v2.conf_thresh=0.5",
+    ]
+
+
+def _demo_run(demo_root: Path, out: Path, iters: int = 2, ckpt_interval: int | None = None, resume: bool = False) -> Any:
+    from semiseg_cli.engine.loop import train
+
+    cfg = build_config(DEMO_PRESET, _demo_overrides(demo_root, out, iters, ckpt_interval or iters))
+    return train(cfg, resume=resume, progress=False)
 
 
 @needs_timm
@@ -276,3 +280,56 @@ def test_the_dpt_exports_to_onnx_with_dynamic_sides(demo_root: Path, tmp_path: P
     _demo_run(demo_root, tmp_path / "run", iters=1)
     report = run_export(tmp_path / "run" / "last.pt", tmp_path / "m.onnx")  # raises unless the check passes
     assert all(c.agreement >= 0.999 for c in report.checks)
+
+
+@needs_timm
+def test_a_killed_run_resumes_to_the_same_student_teacher_and_ema_count(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped right after its step-2 checkpoint and resumed, a V2 run equals an uninterrupted
+    one: student, EMA teacher and the EMA step count all come back from last.pt."""
+    from semiseg_cli.methods import get_method
+
+    full = _demo_run(demo_root, tmp_path / "full", iters=4, ckpt_interval=2)
+    cls = get_method("unimatch_v2")
+    original = cls.training_step
+
+    def killed_at_2(self: Any, labeled: Any, unlabeled: Any, step: int) -> Any:
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(self, labeled, unlabeled, step)
+
+    monkeypatch.setattr(cls, "training_step", killed_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        _demo_run(demo_root, tmp_path / "cut", iters=4, ckpt_interval=2)
+    monkeypatch.setattr(cls, "training_step", original)
+    cut = _demo_run(demo_root, tmp_path / "cut", iters=4, ckpt_interval=2, resume=True)
+    a, b = full.method.state_dict(), cut.method.state_dict()
+    assert a.keys() == b.keys() and any("teacher" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert int(cut.method.ema_updates) == int(full.method.ema_updates) == 4
+
+
+@needs_timm
+def test_torchrun_two_cpu_ranks_end_with_identical_student_and_teacher(demo_root: Path, tmp_path: Path) -> None:
+    """UniMatch V2 under DDP (two gloo ranks): the teacher's EMA runs on each rank from the
+    all-reduced student, so both ranks end with the same student and the same teacher."""
+    from tests.test_engine import run_two_cpu_ranks
+
+    overrides = _demo_overrides(demo_root, tmp_path / "ddp", 3, 3)
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, torch\n"
+        "from semiseg_cli.config import build_config\n"
+        "from semiseg_cli.engine.loop import train\n"
+        f"res = train(build_config({DEMO_PRESET!r}, {overrides!r}), progress=False)\n"
+        f"torch.save(res.method.state_dict(), {str(tmp_path)!r} + f'/rank{{os.environ[\"RANK\"]}}.pt')\n"
+    )
+    run_two_cpu_ranks(script)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys() and any("teacher" in k for k in a)
+    for k in a:
+        if "running_" in k or "num_batches" in k:
+            continue  # BN statistics are per rank between forwards on CPU (DDP broadcasts rank 0's)
+        assert torch.equal(a[k], b[k]), k
