@@ -3,7 +3,11 @@
 Methods are timed round-robin in one process (warm-up first), so their ratio is measured under
 the same machine load; the median step time of each is reported (wall clock, and process CPU
 time, which other jobs on a shared machine disturb less), with the ratio to the first method, the
-peak GPU memory per image on CUDA, and eval images/s of the inference network. Every method is
+peak GPU memory per image on CUDA, and eval images/s of the inference network. On a Linux CPU
+the step's memory is the rise of the process's resident-set high-water mark during one step above
+the resident set just before it (freed heap returned to the OS first, `malloc_trim`; the peak is
+reset through /proc/self/clear_refs): activations, gradients and optimiser state touched by the
+step, not the weights resident before it. It is approximate (allocator caching), a ratio guide. Every method is
 built from the same preset; the supervised one without the heads only other methods' losses use
 (`SUPERVISED_OVERRIDES`), and `--set` options of another method's section are skipped.
 
@@ -51,6 +55,47 @@ def synthetic_batch(b: int, crop: tuple[int, int], num_classes: int, device: tor
         "image": image.to(device), "mask": mask.to(device), "has_mask": torch.ones(b, dtype=torch.bool, device=device),
         "tags": tags.to(device), "name": [f"s{i}" for i in range(b)], "index": torch.arange(b, device=device),
     }
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class CpuStepMemory:
+    """The rise of VmHWM over VmRSS across one step (Linux only; None elsewhere)."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+
+        self.libc = None
+        try:
+            self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self.libc.malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.ok = _proc_status_kib("VmHWM") is not None
+        except (OSError, AttributeError):
+            self.ok = False
+
+    def start(self) -> None:
+        if self.ok:
+            import gc
+
+            gc.collect()
+            self.libc.malloc_trim(0)  # type: ignore[union-attr]
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self.rss0 = _proc_status_kib("VmRSS") or 0
+
+    def stop(self) -> float | None:
+        if not self.ok:
+            return None
+        return ((_proc_status_kib("VmHWM") or 0) - self.rss0) / 1024
 
 
 def parse_method(spec: str) -> tuple[str, str, list[str]]:
@@ -152,13 +197,20 @@ def main() -> None:
         for r in runners:
             r.run(record=False)
     peaks: dict[str, float] = {}
+    cpu_mem = CpuStepMemory() if device.type == "cpu" else None
     for i in range(args.steps):
         for r in runners:  # round-robin: every method sees the same load
             if device.type == "cuda" and i == 0:
                 torch.cuda.reset_peak_memory_stats()
+            if cpu_mem is not None and i == 0:
+                cpu_mem.start()
             r.run(record=True)
             if device.type == "cuda" and i == 0:
                 peaks[r.name] = torch.cuda.max_memory_allocated() / 2**20
+            if cpu_mem is not None and i == 0:
+                got = cpu_mem.stop()
+                if got is not None:
+                    peaks[r.name] = got
     base = statistics.median(runners[0].times)
     base_cpu = statistics.median(runners[0].cpu_times)
     rows = []
@@ -188,6 +240,8 @@ def main() -> None:
             "cpu_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "steps": args.steps, "overrides": args.overrides,
             "supervised_overrides": SUPERVISED_OVERRIDES if "supervised" in args.methods.split(",") else [],
+            "peak_mem": ("torch.cuda.max_memory_allocated over the first timed step" if device.type == "cuda"
+                         else "CPU: rise of VmHWM over VmRSS across the first timed step, after malloc_trim"),
             "crop": list(runners[0].cfg.data.crop_size)}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
