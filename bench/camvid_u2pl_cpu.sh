@@ -4,7 +4,8 @@
 # presets' 60-of-300. Every run: same split files, preset family, seed, iterations; validation of
 # the final weights (last.pt: the EMA teacher for U2PL). Resumes: a finished run is skipped, a
 # killed one continues from its last.pt.
-#   ITERS=1200 [SEED=1] bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...] [LABEL=unimatch[+key=val]] [LABEL=fixmatch]
+#   ITERS=1200 [SEED=1] bash bench/camvid_u2pl_cpu.sh [LABEL=u2pl+key=val ...] [LABEL=unimatch[+key=val]] [LABEL=fixmatch] [LABEL=advsemiseg]
+# AdvSemiSeg's self-training start is scaled as U2PL's warm-up (the preset's 75 of 300: a quarter).
 # Default variants: U2PL as the preset (no teacher-reset window) and with the official code's
 # one-epoch reset window.
 # SEED (default 0) sets train.seed for every run (the split stays the seed-0 one); a seed other
@@ -42,7 +43,8 @@ run() {  # label preset [--set ...]
               --iters "$ITERS" --set train.val_interval=$(( ITERS / 4 > 0 ? ITERS / 4 : 1 )) --set train.ckpt_interval=$(( ITERS / 12 > 0 ? ITERS / 12 : 1 )) --set train.seed=$SEED)
   case $preset in
     u2pl*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set u2pl.sup_only_iters=$WARM);;
-    unimatch*|fixmatch*|advsemiseg*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt");;
+    unimatch*|fixmatch*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt");;
+    advsemiseg*) args+=(--unlabeled-list "$SPLITS/unlabeled.txt" --set advsemiseg.semi_start=$(( ITERS / 4 )));;
   esac
   if [ -f "$out/last.pt" ]; then args+=(--resume); else args+=(--overwrite); fi
   echo "$(date +%T) $label: train ${args[*]} $*"
@@ -63,8 +65,8 @@ reports=("$OUT/supervised/eval.json"); tests=("$OUT/supervised/eval_test.json")
 for v in "${variants[@]}"; do
   label=${v%%=*}; spec=${v#*=}; [ "$label" = "$v" ] && spec=u2pl
   method=${spec%%+*}  # u2pl | unimatch | fixmatch: the method's 300-iteration CamVid preset
-  case $method in u2pl) preset=$U2;; unimatch|fixmatch) preset=${method}_mbv2-os16_1x4+4-300it_camvid-176x224;;
-    *) echo "unknown method $method in $v (u2pl, unimatch, fixmatch)"; exit 2;; esac
+  case $method in u2pl) preset=$U2;; unimatch|fixmatch|advsemiseg) preset=${method}_mbv2-os16_1x4+4-300it_camvid-176x224;;
+    *) echo "unknown method $method in $v (u2pl, unimatch, fixmatch, advsemiseg)"; exit 2;; esac
   sets=(); IFS=+ read -ra parts <<< "${spec#"$method"}"
   for kv in "${parts[@]}"; do [ -n "$kv" ] && sets+=(--set "$kv"); done
   run "$label" "$preset" "${sets[@]}"
