@@ -71,18 +71,21 @@ def prepare_splits_cmd(
     unlabeled_split: Annotated[Optional[str], typer.Option(help="Add this pool's other images to unlabeled.txt (U2PL's VOC classic: --split train --unlabeled-split train_aug).")] = None,
     tags: Annotated[bool, typer.Option("--tags", help="Also write tags.json (image-level class tags) for weak supervision.")] = False,
     val_split: Annotated[str, typer.Option(help="Validation split checked too (training validates on it).")] = "val",
+    classes_file: Annotated[Optional[Path], typer.Option(help="Class names (one per line, or a YOLO data.yaml) where the layout has none (data.classes_file).")] = None,
+    palette_file: Annotated[Optional[Path], typer.Option(help="Colour masks: the file mapping RGB colours to classes (data.palette_file).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Validate a dataset (training pool and validation split) and draw reproducible labeled/unlabeled splits.
 
     Example: [cyan]semiseg prepare-splits --dataset camvid --root ../shared/data/camvid --labeled 1/8 --out splits/camvid[/]
     """
+    from semiseg_cli.data.layouts import LayoutOptions
     from semiseg_cli.data.splits import parse_amounts, prepare_splits
 
     amounts = parse_amounts(labeled)
     written = prepare_splits(
         dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags,
-        unlabeled_split=unlabeled_split, val_split=val_split,
+        unlabeled_split=unlabeled_split, val_split=val_split, options=LayoutOptions(classes_file, palette_file),
     )
     for path in written:
         out_console.print(f"wrote {path}")

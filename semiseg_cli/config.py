@@ -39,8 +39,14 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where the images are and how training crops are made."""
 
-    dataset: Literal["voc", "cityscapes", "camvid", "folder", "demo"] = "demo"
+    dataset: Literal["voc", "cityscapes", "camvid", "folder", "demo", "yolo", "coco"] = "demo"
     root: str = "demo_data"
+    # Class names for layouts that do not carry them in a fixed place (one name per line, or a
+    # YOLO `data.yaml` with `names:`); None: the layout's own file (classes.txt, data.yaml ...).
+    classes_file: str | None = None
+    # Colour masks (folder layout): a palette file mapping RGB colours to classes; None: masks
+    # hold class ids (or `palette.txt` in the root, when present, names the colours).
+    palette_file: str | None = None
     # Pool the labeled/unlabeled split is drawn from, and the split used for validation.
     train_split: str = "train"
     val_split: str = "val"

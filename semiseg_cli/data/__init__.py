@@ -8,8 +8,10 @@ from semiseg_cli.data.layouts import (
     CityscapesLayout,
     FolderLayout,
     Layout,
+    LayoutOptions,
     VocLayout,
     get_layout,
+    layout_for,
 )
 from semiseg_cli.data.demo import generate_demo
 from semiseg_cli.data.splits import (
@@ -30,6 +32,7 @@ __all__ = [
     "EvalTransform",
     "FolderLayout",
     "Layout",
+    "LayoutOptions",
     "SegDataset",
     "TrainTransform",
     "VocLayout",
@@ -40,6 +43,7 @@ __all__ = [
     "draw_split",
     "generate_demo",
     "get_layout",
+    "layout_for",
     "load_tags",
     "parse_amounts",
     "prepare_splits",

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from semiseg_cli.data.layouts import IGNORE, Layout, Pair, get_layout
+from semiseg_cli.data.layouts import IGNORE, Layout, Pair, layout_for
 from semiseg_cli.data.reading import _present_values
 from semiseg_cli.errors import UserError
 
@@ -163,7 +163,7 @@ def build_dataset(data_cfg: Any, pairs: list[tuple[str, str | None]], train: boo
 
     if data_cfg.ignore_index != IGNORE:
         raise UserError(f"data.ignore_index = {data_cfg.ignore_index} is not supported: masks mark ignored pixels with {IGNORE}")
-    layout = get_layout(data_cfg.dataset, data_cfg.root)
+    layout = layout_for(data_cfg)
     if train:
         transform: Any = TrainTransform(
             data_cfg.crop_size, data_cfg.scale_range, data_cfg.flip, data_cfg.mean, data_cfg.std, data_cfg.ignore_index

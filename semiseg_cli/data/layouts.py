@@ -13,7 +13,7 @@ the loss many minutes into a run. `Layout.scan` finds all such problems up front
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -156,11 +156,18 @@ class Layout:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
 
+    def stored_mask(self, rel: str) -> np.ndarray:
+        """The stored values of the mask at root-relative `rel` (2-D integers, before
+        `label_tables`); raises `_Unreadable` with the reason. Layouts whose labels are not
+        per-pixel PNGs of class values (colour masks, polygon or RLE annotations) override this:
+        everything else (reading, checking, scanning, reports) goes through it."""
+        return _load_mask(self.root / rel)
+
     def read_mask(self, rel: str) -> np.ndarray:
         """Class ids (uint8 HxW, 255 = ignore) after this dataset's label mapping."""
         path = self.root / rel
         try:
-            arr = _load_mask(path)
+            arr = self.stored_mask(rel)
         except _Unreadable as e:
             raise UserError(f"cannot read mask {path}: {e}") from None
         bad = self._bad_values(_present_values(arr))
@@ -215,7 +222,7 @@ class Layout:
             problems.append(f"{mask}: missing mask for image {img}")
             return problems, None
         try:
-            arr = _load_mask(self.root / mask)
+            arr = self.stored_mask(mask)
         except _Unreadable as e:
             problems.append(f"{mask}: unreadable mask ({e})")
             return problems, None
@@ -424,17 +431,39 @@ def _refuse_shared_stems(images: Iterable[Path]) -> None:
         seen[p.stem] = p
 
 
-_LAYOUTS: dict[str, Callable[[Path], Layout]] = {
-    "voc": VocLayout,
-    "cityscapes": CityscapesLayout,
-    "camvid": CamVidLayout,
-    "folder": lambda root: FolderLayout(root, "folder"),
-    "demo": lambda root: FolderLayout(root, "demo"),
+class LayoutOptions(NamedTuple):
+    """Per-dataset files that are not at a fixed place in the root (`data.classes_file`,
+    `data.palette_file`); layouts that do not use an option ignore it."""
+
+    classes_file: Path | None = None
+    palette_file: Path | None = None
+
+
+_LAYOUTS: dict[str, Callable[[Path, LayoutOptions], Layout]] = {
+    "voc": lambda root, o: VocLayout(root),
+    "cityscapes": lambda root, o: CityscapesLayout(root),
+    "camvid": lambda root, o: CamVidLayout(root),
+    "folder": lambda root, o: FolderLayout(root, "folder"),
+    "demo": lambda root, o: FolderLayout(root, "demo"),
 }
 
 
-def get_layout(dataset: str, root: str | Path) -> Layout:
-    """The layout reader for `dataset` (voc, cityscapes, camvid, folder, demo) at `root`."""
+def register_layout(name: str, factory: Callable[[Path, LayoutOptions], Layout]) -> None:
+    """Add a dataset layout (the annotation-file readers register themselves this way)."""
+    _LAYOUTS[name] = factory
+
+
+def get_layout(dataset: str, root: str | Path, options: LayoutOptions | None = None) -> Layout:
+    """The layout reader for `dataset` (voc, cityscapes, camvid, folder, demo, yolo, coco) at `root`."""
     if dataset not in _LAYOUTS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(_LAYOUTS)}")
-    return _LAYOUTS[dataset](Path(root))
+    return _LAYOUTS[dataset](Path(root), options or LayoutOptions())
+
+
+def layout_for(data: Any, root: str | Path | None = None) -> Layout:
+    """The layout of a `DataConfig` (at `root` when given, else `data.root`)."""
+    opts = LayoutOptions(
+        Path(data.classes_file) if getattr(data, "classes_file", None) else None,
+        Path(data.palette_file) if getattr(data, "palette_file", None) else None,
+    )
+    return get_layout(data.dataset, data.root if root is None else root, opts)

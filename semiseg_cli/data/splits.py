@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from semiseg_cli.data.checks import DatasetProblems, check_mask_content
-from semiseg_cli.data.layouts import Layout, get_layout
+from semiseg_cli.data.layouts import Layout, LayoutOptions, get_layout
 from semiseg_cli.errors import UserError, flush_warnings, warn
 from semiseg_cli.io import check_output_dir, read_text, write_text
 
@@ -190,6 +190,7 @@ def prepare_splits(
     tags: bool = False,
     unlabeled_split: str | None = None,
     val_split: str | None = "val",
+    options: LayoutOptions | None = None,
 ) -> list[Path]:
     """Validate the pool (and the `val_split` that training will validate on, when the dataset
     has it), draw one split per amount and write them; returns every file written.
@@ -203,7 +204,7 @@ def prepare_splits(
     """
     amounts = parse_amounts(",".join(amounts))
     check_output_dir(out_dir, "--out")
-    layout = get_layout(dataset, root)
+    layout = get_layout(dataset, root, options)
     pool = layout.list_pairs(split)
     problems, present, with_ignore = layout.scan(pool)
     if problems:

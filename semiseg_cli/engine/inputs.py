@@ -70,7 +70,7 @@ def open_split(
     options; else as stored), the device, the layout at `root` or the config's `data.root`, the
     class names checked against the checkpoint's, and the split's pairs."""
     from semiseg_cli.config import config_from_dict
-    from semiseg_cli.data import get_layout
+    from semiseg_cli.data import layout_for
     from semiseg_cli.engine.checkpoint import load_checkpoint
     from semiseg_cli.engine.device import resolve_device
 
@@ -79,7 +79,7 @@ def open_split(
     cfg = configure(stored["config"]) if configure is not None else config_from_dict(stored["config"])
     dev = resolve_device(device or "auto")
     data_root = Path(root) if root is not None else Path(cfg.data.root)
-    layout = get_layout(cfg.data.dataset, data_root)
+    layout = layout_for(cfg.data, data_root)
     class_names = list(stored["class_names"])
     if list(layout.class_names) != class_names:
         raise UserError(f"the dataset at {data_root} has classes {layout.class_names[:5]}... but the checkpoint was trained on {class_names[:5]}...; is --root right?")

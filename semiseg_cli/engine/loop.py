@@ -142,10 +142,10 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     main = distributed.is_main()
     run_dir = Path(cfg.out)
 
-    from semiseg_cli.data import get_layout
+    from semiseg_cli.data import layout_for
 
     method_cls = get_method(cfg.method)
-    num_classes = get_layout(cfg.data.dataset, cfg.data.root).num_classes
+    num_classes = layout_for(cfg.data).num_classes
     check_run_config(cfg, resume=resume, overwrite=overwrite, num_classes=num_classes)
     data = build_data(cfg, method_cls)
     seed_everything(cfg.train.seed + distributed.rank())

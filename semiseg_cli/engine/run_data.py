@@ -42,10 +42,10 @@ class RunData:
 
 def build_data(cfg: Any, method_cls: type[Method]) -> RunData:
     """The run's datasets, after every file they use has been read once and found sound."""
-    from semiseg_cli.data import build_dataset, get_layout, load_tags
+    from semiseg_cli.data import build_dataset, layout_for, load_tags
     from semiseg_cli.data.checks import check_tags, check_training_data
 
-    layout = get_layout(cfg.data.dataset, cfg.data.root)
+    layout = layout_for(cfg.data)
     labeled, unlabeled = resolve_pools(cfg, layout, method_cls.uses_tags)
     if method_cls.uses_unlabeled and not unlabeled:
         raise UserError(

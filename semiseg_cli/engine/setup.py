@@ -50,10 +50,10 @@ def resolve_run_config(
 
 def dataset_classes(cfg: Any) -> int | None:
     """The dataset's class count when its root can be read now, else None (dry runs elsewhere)."""
-    from semiseg_cli.data import get_layout
+    from semiseg_cli.data import layout_for
 
     try:
-        return get_layout(cfg.data.dataset, cfg.data.root).num_classes
+        return layout_for(cfg.data).num_classes
     except UserError:
         return None
 
