@@ -168,8 +168,8 @@ def test_empty_split_and_unknown_dataset(folder_root: Path, tmp_path: Path) -> N
     (tmp_path / "classes.txt").write_text("a\nb\n")
     with pytest.raises(UserError, match="no .png/.jpg/.jpeg images in .*images/train"):
         get_layout("folder", tmp_path).list_pairs("train")
-    with pytest.raises(UserError, match="unknown dataset 'coco'"):
-        get_layout("coco", folder_root)
+    with pytest.raises(UserError, match="unknown dataset 'ade20k'; choose one of .*yolo, coco"):
+        get_layout("ade20k", folder_root)
     with pytest.raises(UserError, match="classes.txt does not exist"):
         get_layout("folder", tmp_path / "images")
 

@@ -14,6 +14,7 @@ from semiseg_cli.data.layouts import (
     layout_for,
 )
 from semiseg_cli.data.demo import generate_demo
+from semiseg_cli.data import annotations  # noqa: F401  (registers yolo and coco)
 from semiseg_cli.data.splits import (
     amount_dirname,
     draw_split,
