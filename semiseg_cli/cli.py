@@ -70,25 +70,30 @@ def prepare_splits_cmd(
     split: Annotated[str, typer.Option(help="Training pool (voc: train or train_aug).")] = "train",
     unlabeled_split: Annotated[Optional[str], typer.Option(help="Add this pool's other images to unlabeled.txt (U2PL's VOC classic: --split train --unlabeled-split train_aug).")] = None,
     tags: Annotated[bool, typer.Option("--tags", help="Also write tags.json (image-level class tags) for weak supervision.")] = False,
-    val_split: Annotated[str, typer.Option(help="Validation split checked too (training validates on it).")] = "val",
+    val_split: Annotated[str, typer.Option(help="Validation split checked too (training validates on it); not with --val.")] = "val",
+    val: Annotated[Optional[str], typer.Option("--val", help="Carve a validation split out of the pool first: fraction (0.2) or count (50); writes val.txt for `train --val-list`.")] = None,
     classes_file: Annotated[Optional[Path], typer.Option(help="Class names (one per line, or a YOLO data.yaml) where the layout has none (data.classes_file).")] = None,
     palette_file: Annotated[Optional[Path], typer.Option(help="Colour masks: the file mapping RGB colours to classes (data.palette_file).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Validate a dataset (training pool and validation split) and draw reproducible labeled/unlabeled splits.
+    """Validate a dataset (training pool and validation split), draw reproducible labeled/unlabeled (and --val) splits and report on the data.
 
-    Example: [cyan]semiseg prepare-splits --dataset camvid --root ../shared/data/camvid --labeled 1/8 --out splits/camvid[/]
+    Example: [cyan]semiseg prepare-splits --dataset folder --root data/mine --val 0.2 --labeled 1/8 --out splits/mine[/]
     """
     from semiseg_cli.data.layouts import LayoutOptions
-    from semiseg_cli.data.splits import parse_amounts, prepare_splits
+    from semiseg_cli.data.report import print_data_report
+    from semiseg_cli.data.splits import parse_amounts, prepare_dataset
 
     amounts = parse_amounts(labeled)
-    written = prepare_splits(
+    result = prepare_dataset(
         dataset, root, amounts, seed, out, split=split, overwrite=overwrite, tags=tags,
         unlabeled_split=unlabeled_split, val_split=val_split, options=LayoutOptions(classes_file, palette_file),
+        val=val, report=True,
     )
-    for path in written:
-        out_console.print(f"wrote {path}")
+    if result.report is not None:
+        print_data_report(result.report, out_console)
+    for path in result.written:
+        out_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- train
@@ -99,6 +104,7 @@ def train_cmd(
     labeled: Annotated[Optional[str], typer.Option(help="Labeled fraction or count drawn from the training pool, e.g. 1/8.", rich_help_panel="Data")] = None,
     labeled_list: Annotated[Optional[Path], typer.Option(help="labeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
     unlabeled_list: Annotated[Optional[Path], typer.Option(help="unlabeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
+    val_list: Annotated[Optional[Path], typer.Option(help="val.txt from prepare-splits --val: validate on it instead of data.val_split.", rich_help_panel="Data")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root (overrides data.root).", rich_help_panel="Data")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Training iterations.", rich_help_panel="Schedule")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Labeled images per step (and unlabeled unless set apart).", rich_help_panel="Schedule")] = None,
@@ -131,6 +137,7 @@ def train_cmd(
         "data.labeled": labeled if labeled else (None if labeled_list else _UNSET),
         "data.labeled_list": str(labeled_list) if labeled_list else _UNSET,
         "data.unlabeled_list": str(unlabeled_list) if unlabeled_list else _UNSET,
+        "data.val_list": str(val_list) if val_list else _UNSET,
         "data.root": str(root) if root else _UNSET,
         "train.iters": iters if iters is not None else _UNSET,
         "data.batch_size": batch_size if batch_size is not None else _UNSET,

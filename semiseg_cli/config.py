@@ -56,6 +56,8 @@ class DataConfig(Section):
     # Either split files written by `prepare-splits` ...
     labeled_list: str | None = None
     unlabeled_list: str | None = None
+    # Validation images as a split file (val.txt from `prepare-splits --val`); None: val_split.
+    val_list: str | None = None
     # ... or a fraction/count; the split is then drawn at train time with `split_seed`.
     labeled: str | None = None
     split_seed: int = Field(0, ge=0)

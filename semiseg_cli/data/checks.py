@@ -102,6 +102,13 @@ def check_training_data(
         raise DatasetProblems(problems, f"the training data under {layout.root}")
     if labeled_needs_masks:
         check_mask_content(layout, scan.present, scan.with_ignore, f"the {len(labeled)} labeled images")
+    trained = {img for img, _ in labeled} | {img for img, _ in unlabeled}
+    seen_in_training = sorted({img for img, _ in val} & trained)
+    if seen_in_training:
+        warn(
+            f"{len(seen_in_training)} validation image(s) ({val_split}) are training images too (e.g. {seen_in_training[0]}), "
+            "so validation scores are optimistic: draw the validation split with `semiseg prepare-splits --val` so it is disjoint"
+        )
     both = {img for img, _ in labeled} & {img for img, _ in unlabeled}
     if both:
         warn(

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from semiseg_cli.data.reading import Scan, _image_size, _load_mask, _present_values, _thread_map, _Unreadable
+from semiseg_cli.data.reading import Scan, _ColourImage, _image_size, _load_mask, _present_values, _thread_map, _Unreadable
 from semiseg_cli.errors import UserError, warn
 from semiseg_cli.io import read_text
 
@@ -381,27 +381,95 @@ def _camvid_palette(root: Path) -> list[tuple[int, int, int]]:
 
 
 class FolderLayout(Layout):
-    """Generic layout; `demo` data uses it too. A split without a masks/ folder is unlabeled."""
+    """Generic layout; `demo` data uses it too. A split without a masks/ folder is unlabeled.
 
-    expected = "images/{split}/*.png|jpg|jpeg, masks/{split}/STEM.png (class ids) and classes.txt"
+    Two forms: split folders (`images/{split}/`, `masks/{split}/`), or flat (`images/*.png|jpg`,
+    `masks/*.png`), which is one pool, the split `train`; a validation split of a flat folder is
+    drawn by `prepare-splits --val` into val.txt. Masks hold class ids, or colours when a palette
+    file is used (`palette.txt` in the root, or `LayoutOptions.palette_file`): class names then
+    come from the palette, and a classes file, when there is one too, must agree with it.
+    """
 
-    def __init__(self, root: str | Path, name: str = "folder") -> None:
+    expected = (
+        "images/{split}/*.png|jpg|jpeg with masks/{split}/STEM.png (or flat: images/*.png|jpg with masks/STEM.png), "
+        "masks holding class ids with classes.txt, or colours with palette.txt"
+    )
+
+    def __init__(self, root: str | Path, name: str = "folder", options: "LayoutOptions | None" = None) -> None:
+        from semiseg_cli.data.palette import read_palette
+
         self.name = name
         self.root = Path(root)
         self._check_root()
-        classes_file = self.root / "classes.txt"
-        if not classes_file.is_file():
-            raise self._fail(f"{classes_file} does not exist (one class name per line)")
-        names = [line.strip() for line in read_text(classes_file, "class list").splitlines() if line.strip()]
-        if not 1 <= len(names) <= 255:
-            raise UserError(f"{classes_file} lists {len(names)} classes; give between 1 and 255 names, one per line")
-        super().__init__(root, names, index_palette(len(names)))
+        opts = options or LayoutOptions()
+        palette_file = opts.palette_file
+        if palette_file is None and (self.root / "palette.txt").is_file():
+            palette_file = self.root / "palette.txt"
+        classes_file = Path(opts.classes_file) if opts.classes_file is not None else self.root / "classes.txt"
+        if opts.classes_file is not None and classes_file.suffix.lower() in (".yaml", ".yml"):
+            raise UserError(
+                f"classes file {classes_file} is YAML, which only the yolo layout reads; "
+                "for the folder layout give a text file with one class name per line"
+            )
+        self.colour_palette = read_palette(palette_file) if palette_file is not None else None
+        names = None
+        if classes_file.is_file() or opts.classes_file is not None:
+            names = [line.strip() for line in read_text(classes_file, "class list").splitlines() if line.strip()]
+            if not 1 <= len(names) <= 255:
+                raise UserError(f"{classes_file} lists {len(names)} classes; give between 1 and 255 names, one per line")
+        if self.colour_palette is not None:
+            if names is not None and names != self.colour_palette.names:
+                raise UserError(_disagreement(classes_file, names, self.colour_palette.path, self.colour_palette.names))
+            names, colours = self.colour_palette.names, self.colour_palette.colours
+        elif names is None:
+            raise self._fail(
+                f"{classes_file} does not exist (one class name per line; for colour masks give palette.txt "
+                "with lines `R G B name` instead)"
+            )
+        else:
+            colours = index_palette(len(names))
+        super().__init__(root, names, colours)
+
+    def stored_mask(self, rel: str) -> np.ndarray:
+        """Class values as stored, or, with a palette file, class ids mapped from the colours."""
+        if self.colour_palette is not None:
+            return self.colour_palette.read_ids(self.root / rel)
+        try:
+            return _load_mask(self.root / rel)
+        except _ColourImage as e:
+            raise _ColourImage(
+                f"{e}, or map its colours to classes with palette.txt in the dataset root (lines `R G B name`)"
+            ) from None
+
+    def is_flat(self) -> bool:
+        """Images directly in images/: a flat folder, one pool named `train` (a split folder
+        images/{split}/ is still read as such, so a stray file beside the split folders of the
+        usual layout changes nothing)."""
+        folder = self.root / "images"
+        return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir())
 
     def list_pairs(self, split: str) -> list[tuple[str, str | None]]:
         self._check_root("images")
         folder = self.root / "images" / split
-        if not folder.is_dir():
-            raise self._fail(f"split folder {folder} does not exist")
+        if folder.is_dir():
+            return self._pairs(folder, self.root / "masks" / split, f"masks/{split}")
+        images = self.root / "images"
+        flat = self.is_flat()
+        if any(p.is_dir() and not p.name.startswith(".") for p in images.iterdir()):  # the split-folder layout
+            stray = (" (the image files directly in images/ are not read: with split folders, every image goes into one)"
+                     if flat else "")
+            raise self._fail(f"split folder {folder} does not exist{stray}")
+        if flat:
+            if split != "train":
+                raise UserError(
+                    f"{self.root} is a flat folder dataset (images/*.png|jpg without split folders): its one pool is the split "
+                    f"'train', there is no {split!r} split; draw a validation split with `semiseg prepare-splits --val 0.2` "
+                    "and pass its val.txt (`train --val-list`, `eval --split`)"
+                )
+            return self._pairs(images, self.root / "masks", "masks")
+        raise self._fail(f"split folder {folder} does not exist")
+
+    def _pairs(self, folder: Path, mask_dir: Path, mask_rel: str) -> list[tuple[str, str | None]]:
         listed = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         images = [p for p in listed if p.is_file()]
         broken = [p for p in listed if not p.is_file() and p.is_symlink()]
@@ -411,7 +479,6 @@ class FolderLayout(Layout):
         if not images:
             raise self._fail(f"no .png/.jpg/.jpeg images in {folder}")
         _refuse_shared_stems(images)
-        mask_dir = self.root / "masks" / split
         has_masks = mask_dir.is_dir()
         if has_masks:
             stems = {p.stem for p in images}
@@ -419,7 +486,18 @@ class FolderLayout(Layout):
             if orphans:
                 warn(f"{len(orphans)} mask(s) in {mask_dir} have no image in {folder} (e.g. {orphans[0]}); "
                      "they are not used: add their images or remove them")
-        return [(self._rel(p), f"masks/{split}/{p.stem}.png" if has_masks else None) for p in images]
+        return [(self._rel(p), f"{mask_rel}/{p.stem}.png" if has_masks else None) for p in images]
+
+
+def _disagreement(classes_file: Path, names: list[str], palette_file: Path, palette_names: list[str]) -> str:
+    """One line saying where a classes file and a palette file first differ."""
+    if len(names) != len(palette_names):
+        where = f"{classes_file} lists {len(names)} classes but {palette_file} defines {len(palette_names)}"
+    else:
+        k = next(i for i, (a, b) in enumerate(zip(names, palette_names)) if a != b)
+        where = f"class {k} is {names[k]!r} in {classes_file} but {palette_names[k]!r} in {palette_file}"
+    return (f"{where}; the palette file names the classes of colour masks: make the two agree "
+            f"or remove {classes_file.name}")
 
 
 def _refuse_shared_stems(images: Iterable[Path]) -> None:
@@ -443,8 +521,8 @@ _LAYOUTS: dict[str, Callable[[Path, LayoutOptions], Layout]] = {
     "voc": lambda root, o: VocLayout(root),
     "cityscapes": lambda root, o: CityscapesLayout(root),
     "camvid": lambda root, o: CamVidLayout(root),
-    "folder": lambda root, o: FolderLayout(root, "folder"),
-    "demo": lambda root, o: FolderLayout(root, "demo"),
+    "folder": lambda root, o: FolderLayout(root, "folder", o),
+    "demo": lambda root, o: FolderLayout(root, "demo", o),
 }
 
 

@@ -2,7 +2,8 @@
 
 Images are decoded completely when checked (a truncated JPEG has a valid header and fails only
 when its pixels are read); masks are read as their stored values (palette index, grey value or
-16-bit) and colour masks are refused, because mapping colours to classes is ambiguous.
+16-bit) and colour masks are refused here, because mapping colours to classes needs a palette
+file (`palette.py`, used by the folder layout).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class Scan(NamedTuple):
 
 class _Unreadable(Exception):
     """A file that is missing or cannot be decoded; the reason becomes part of a message."""
+
+
+class _ColourImage(_Unreadable):
+    """A mask that is a colour image where class values were expected (a layout that can read
+    colours through a palette file says so in its message)."""
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -56,7 +62,7 @@ def _load_mask(path: Path) -> np.ndarray:
         raise _Unreadable(str(e) or type(e).__name__) from None
     if arr.ndim == 3:
         if not (arr[..., :3] == arr[..., :1]).all():
-            raise _Unreadable("it is a colour image; store class ids as a palette or greyscale PNG")
+            raise _ColourImage("it is a colour image; store class ids as a palette or greyscale PNG")
         arr = arr[..., 0]
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)

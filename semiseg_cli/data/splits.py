@@ -1,8 +1,10 @@
-"""Labeled/unlabeled splits: drawing them reproducibly and keeping them as plain text files.
+"""Labeled/unlabeled (and validation) splits: drawing them reproducibly and keeping them as plain text files.
 
 A split file has one pair per line, `image mask` relative to the dataset root (just `image` for
-an image without a mask). Files are written atomically and never silently replaced, since the
-same split must be reused by every method that is compared on it.
+an image without a mask): labeled.txt, unlabeled.txt and, with `--val`, val.txt (validation
+images carved out of the pool before the labeled draw). `prepare_dataset` also writes the data
+report (report.json, `report.py`). Files are written atomically and never silently replaced,
+since the same split must be reused by every method that is compared on it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import random
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 from semiseg_cli.data.checks import DatasetProblems, check_mask_content
 from semiseg_cli.data.layouts import Layout, LayoutOptions, get_layout
@@ -24,7 +26,7 @@ Pair = tuple[str, "str | None"]
 # --------------------------------------------------------------------------------- amounts
 
 
-def _amount_value(text: str) -> Fraction | int:
+def _amount_value(text: str, what: str = "labeled") -> Fraction | int:
     """A fraction ("1/8", "0.25") as Fraction, a count ("183") as int; UserError otherwise."""
     hint = "use a fraction like 1/8 or 0.125, or a count like 183"
     try:
@@ -33,11 +35,11 @@ def _amount_value(text: str) -> Fraction | int:
         else:
             value = int(text)
     except (ValueError, ZeroDivisionError):
-        raise UserError(f"labeled amount {text!r} is not a number; {hint}") from None
+        raise UserError(f"{what} amount {text!r} is not a number; {hint}") from None
     if isinstance(value, Fraction) and not 0 < value <= 1:
-        raise UserError(f"labeled fraction {text} must be in (0, 1]; {hint}")
+        raise UserError(f"{what} fraction {text} must be in (0, 1]; {hint}")
     if isinstance(value, int) and value < 1:
-        raise UserError(f"labeled count {text} must be at least 1; {hint}")
+        raise UserError(f"{what} count {text} must be at least 1; {hint}")
     return value
 
 
@@ -89,6 +91,38 @@ def draw_split(pairs: Sequence[Pair], amount: str, seed: int) -> tuple[list[Pair
     labeled = [p for i, p in enumerate(pool) if i in chosen]
     unlabeled = [p for i, p in enumerate(pool) if i not in chosen]
     return labeled, unlabeled
+
+
+def parse_val_amount(text: str) -> str:
+    """The `--val` amount: one fraction below 1 ("0.2", "1/5") or a count ("50")."""
+    text = text.strip()
+    if not text:
+        raise UserError("--val is empty; give a fraction like 0.2 or a count like 50")
+    if "," in text:
+        raise UserError(f"--val takes one amount, not a list ({text!r}); give e.g. 0.2 or 50")
+    v = _amount_value(text, "--val")
+    if isinstance(v, Fraction) and v == 1:
+        raise UserError(f"--val {text} would take the whole pool for validation and leave nothing to train on; give e.g. 0.2")
+    return text
+
+
+VAL_SEED_PREFIX = "semiseg-val:"
+
+
+def draw_val(pairs: Sequence[Pair], amount: str, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(val, rest), both sorted: the validation images carved out of the sorted pool before the
+    labeled/unlabeled draw, with an RNG of its own (seeded from `seed` through a string, so it is
+    not the labeled draw's stream), so val.txt depends only on the pool, the amount and the seed."""
+    pool = sorted(set(pairs), key=lambda p: (p[0], p[1] or ""))
+    v = _amount_value(amount.strip(), "--val")
+    count = max(1, round(v * len(pool))) if isinstance(v, Fraction) else v
+    if count >= len(pool):
+        raise UserError(
+            f"--val {amount} takes {count} of the {len(pool)} images of the pool and leaves none to train on; "
+            "give a smaller fraction or count"
+        )
+    chosen = set(random.Random(f"{VAL_SEED_PREFIX}{seed}").sample(range(len(pool)), count))
+    return [p for i, p in enumerate(pool) if i in chosen], [p for i, p in enumerate(pool) if i not in chosen]
 
 
 def widen_unlabeled(labeled: Sequence[Pair], unlabeled: Sequence[Pair], extra: Sequence[Pair]) -> list[Pair]:
@@ -179,6 +213,13 @@ def read_split_file(path: str | Path, root: str | Path) -> list[tuple[str, str |
 # --------------------------------------------------------------------------------- prepare
 
 
+class Prepared(NamedTuple):
+    """What `prepare_dataset` wrote, and the data report (None unless asked for)."""
+
+    written: list[Path]
+    report: dict[str, Any] | None
+
+
 def prepare_splits(
     dataset: str,
     root: str | Path,
@@ -191,30 +232,60 @@ def prepare_splits(
     unlabeled_split: str | None = None,
     val_split: str | None = "val",
     options: LayoutOptions | None = None,
+    val: str | None = None,
 ) -> list[Path]:
+    """`prepare_dataset` without the report; returns every file written."""
+    return prepare_dataset(
+        dataset, root, amounts, seed, out_dir, split=split, overwrite=overwrite, tags=tags,
+        unlabeled_split=unlabeled_split, val_split=val_split, options=options, val=val, report=False,
+    ).written
+
+
+def prepare_dataset(
+    dataset: str,
+    root: str | Path,
+    amounts: list[str],
+    seed: int,
+    out_dir: str | Path,
+    split: str = "train",
+    overwrite: bool = False,
+    tags: bool = False,
+    unlabeled_split: str | None = None,
+    val_split: str | None = "val",
+    options: LayoutOptions | None = None,
+    val: str | None = None,
+    report: bool = True,
+) -> Prepared:
     """Validate the pool (and the `val_split` that training will validate on, when the dataset
-    has it), draw one split per amount and write them; returns every file written.
+    has it), draw one split per amount and write them; returns every file written and, with
+    `report`, the data report (also written as `out_dir/report.json`).
+
+    `val` ("0.2", "50") carves a validation split out of the pool first, with the seed, and
+    writes it as val.txt beside every labeled.txt: its images are in neither labeled nor
+    unlabeled, the labeled amounts apply to the rest, and `val_split` is then not looked at.
 
     `unlabeled_split` adds the images of another pool (not drawn as labeled) to every
     unlabeled.txt: `--split train --unlabeled-split train_aug` is U2PL's VOC classic setting.
 
     Nothing is written unless the pool is clean, every amount fits and no existing file would
     change (without `overwrite`). One amount writes into `out_dir`; several into
-    `out_dir/<amount_dirname>/`.
+    `out_dir/<amount_dirname>/` (report.json stays in `out_dir`).
     """
     amounts = parse_amounts(",".join(amounts))
+    val_amount = parse_val_amount(val) if val is not None else None
     check_output_dir(out_dir, "--out")
     layout = get_layout(dataset, root, options)
     pool = layout.list_pairs(split)
     problems, present, with_ignore = layout.scan(pool)
     if problems:
         raise DatasetProblems(problems, f"the {split} split of {layout.root}")
-    if val_split is not None and val_split != split:
+    if val_amount is None and val_split is not None and val_split != split:
         try:
             val_pairs = layout.list_pairs(val_split)
         except UserError:
             warn(f"{layout.root} has no {val_split!r} split, so it was not checked; `semiseg train` validates on "
-                 "data.val_split: set it to a split this dataset has")
+                 "data.val_split: set it to a split this dataset has, or draw a validation split out of the pool "
+                 "with --val 0.2 (val.txt, for `train --val-list`)")
         else:
             problems = layout.scan(val_pairs).problems
             if problems:
@@ -227,21 +298,49 @@ def prepare_splits(
         problems = layout.scan(extra).problems
         if problems:
             raise DatasetProblems(problems, f"the {unlabeled_split} split of {layout.root}")
+    val_drawn, rest = draw_val(pool, val_amount, seed) if val_amount is not None else ([], list(pool))
     out = Path(out_dir)
     files: dict[Path, str] = {}
+    draws: list[tuple[str, str, list[Pair], list[Pair]]] = []
     tags_text = _tags_json(layout, present) if tags else None
     for amount in amounts:
         folder = out if len(amounts) == 1 else out / amount_dirname(amount)
-        labeled, unlabeled = draw_split(pool, amount, seed)
+        if val_amount is not None:
+            _check_fits_after_val(amount, len(rest), len(pool), val_amount)
+        labeled, unlabeled = draw_split(rest, amount, seed)
         if extra:
             unlabeled = widen_unlabeled(labeled, unlabeled, extra)
         files[folder / "labeled.txt"] = _format_pairs(labeled)
         files[folder / "unlabeled.txt"] = _format_pairs(unlabeled)
+        if val_amount is not None:
+            files[folder / "val.txt"] = _format_pairs(val_drawn)
         if tags_text is not None:
             files[folder / "tags.json"] = tags_text
+        draws.append((amount, folder.relative_to(out).as_posix(), labeled, unlabeled))
+    data_report = None
+    if report:
+        from semiseg_cli.data.report import build_report
+
+        data_report = build_report(
+            layout, pool, split=split, seed=seed, draws=draws, val_pairs=val_drawn, val_amount=val_amount,
+            tags=tags, extra=len(extra),
+        )
+        files[out / "report.json"] = json.dumps(data_report, indent=1) + "\n"
     _refuse_changes(files, overwrite)
+    if data_report is not None:
+        for line in data_report["warnings"]:
+            warn(line)
     flush_warnings()
-    return _write_all(files)
+    return Prepared(_write_all(files), data_report)
+
+
+def _check_fits_after_val(amount: str, rest: int, pool: int, val_amount: str) -> None:
+    v = _amount_value(amount.strip())
+    if isinstance(v, int) and v > rest:
+        raise UserError(
+            f"labeled amount {amount} asks for {v} images but only {rest} of the {pool} remain after --val {val_amount} "
+            f"took {pool - rest} for validation; lower --labeled or --val"
+        )
 
 
 def _tags_json(layout: Layout, present: dict[str, list[int]]) -> str:

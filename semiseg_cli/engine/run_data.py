@@ -32,6 +32,16 @@ def resolve_pools(cfg: Any, layout: Any, uses_tags: bool) -> tuple[list, list]:
     return labeled, unlabeled
 
 
+def validation_pairs(cfg: Any, layout: Any) -> tuple[list, str]:
+    """(the validation pairs, what to call them in messages): the split file `data.val_list`
+    when set (val.txt from `prepare-splits --val`), else the dataset's `data.val_split`."""
+    from semiseg_cli.data.splits import read_split_file
+
+    if cfg.data.val_list:
+        return read_split_file(cfg.data.val_list, layout.root), str(cfg.data.val_list)
+    return layout.list_pairs(cfg.data.val_split), cfg.data.val_split
+
+
 @dataclass
 class RunData:
     layout: Any
@@ -52,13 +62,13 @@ def build_data(cfg: Any, method_cls: type[Method]) -> RunData:
             f"method {cfg.method} needs unlabeled images but the split leaves none; pass --labeled 1/8 "
             "(or data.unlabeled_list) so part of the training pool is unlabeled"
         )
-    val_pairs = layout.list_pairs(cfg.data.val_split)
+    val_pairs, val_name = validation_pairs(cfg, layout)
     tags = None
     if method_cls.uses_tags and cfg.data.tags_file:  # the user's tags must cover every training image
         tags = load_tags(cfg.data.tags_file, layout.num_classes, [img for img, _ in labeled])
     report = check_training_data(
         layout, labeled, unlabeled if method_cls.uses_unlabeled else [], val_pairs,
-        labeled_needs_masks=tags is None, val_split=cfg.data.val_split,
+        labeled_needs_masks=tags is None, val_split=val_name,
         labeled_batch=cfg.data.batch_size,
         unlabeled_batch=(cfg.data.unlabeled_batch_size or cfg.data.batch_size) if method_cls.uses_unlabeled else None,
     )
