@@ -169,7 +169,7 @@ def train_cmd(
 @app.command("eval", rich_help_panel="Train and evaluate")
 def eval_cmd(
     checkpoint: Checkpoint,
-    split: Annotated[str, typer.Option(help="Dataset split (val, test) or a split file.")] = "val",
+    split: Annotated[Optional[str], typer.Option(help="Dataset split (val, test) or a split file (default: the run's validation set, data.val_list or data.val_split).")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root, if it moved since training.", rich_help_panel="Data")] = None,
     mode: ModeOpt = None,
     scales: ScalesOpt = None,

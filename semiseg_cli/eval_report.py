@@ -110,7 +110,7 @@ def _check_outputs(json_out: Path | None, confusion_png: Path | None, overwrite:
 
 def run_eval(
     checkpoint: Path,
-    split: str = "val",
+    split: str | None = None,
     root: Path | None = None,
     mode: str | None = None,
     scales: tuple[float, ...] | None = None,
@@ -150,7 +150,7 @@ def run_eval(
     # --root travels in `values` (as data.root, validated and named like every other option).
     inputs = open_split(checkpoint, split, device=device, weights=weights,
                         configure=lambda stored: eval_config(stored, sets, values, defaults))
-    cfg, dev = inputs.cfg, inputs.device
+    cfg, dev, split = inputs.cfg, inputs.device, inputs.split
     pairs = [p for p in inputs.pairs if p[1] is not None]
     if not pairs:
         raise UserError(f"split {split!r} has no images with masks to evaluate against")

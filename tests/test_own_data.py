@@ -391,6 +391,10 @@ def test_train_on_a_flat_colour_folder_with_val_list_then_eval_on_it(tmp_path: P
     assert r.exit_code == 0, (r.stdout, r.stderr)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["images"] == 2 and report["split"] == str(splits / "val.txt")
+    # Without --split, eval takes the run's own validation set: its val.txt, not a `val` split.
+    r = runner.invoke(app, ["eval", "-c", str(run / "best.pt"), "--workers", "0", "--json", str(tmp_path / "eval2.json")])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert json.loads((tmp_path / "eval2.json").read_text())["split"] == str(splits / "val.txt")
 
 
 def test_validation_images_that_are_also_training_images_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

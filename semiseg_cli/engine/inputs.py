@@ -40,6 +40,7 @@ class SplitInputs:
     pairs: list[tuple[str, str | None]]
     class_names: list[str]
     num_classes: int
+    split: str  # what was asked for, or the run's own validation split when that was None
 
 
 def check_weights(weights: str) -> None:
@@ -59,7 +60,7 @@ def split_pairs(split: str, layout: "Layout") -> list[tuple[str, str | None]]:
 
 def open_split(
     checkpoint: Path,
-    split: str,
+    split: str | None,
     root: Path | None = None,
     device: str | None = None,
     weights: str = "auto",
@@ -83,7 +84,9 @@ def open_split(
     class_names = list(stored["class_names"])
     if list(layout.class_names) != class_names:
         raise UserError(f"the dataset at {data_root} has classes {layout.class_names[:5]}... but the checkpoint was trained on {class_names[:5]}...; is --root right?")
-    return SplitInputs(cfg, dev, layout, split_pairs(split, layout), class_names, int(stored["num_classes"]))
+    if split is None:  # the run's own validation set: its val.txt (prepare-splits --val) or split name
+        split = cfg.data.val_list or cfg.data.val_split
+    return SplitInputs(cfg, dev, layout, split_pairs(split, layout), class_names, int(stored["num_classes"]), split)
 
 
 def load_model(checkpoint: Path, device: "torch.device", weights: str = "auto") -> tuple["nn.Module", dict[str, Any]]:
