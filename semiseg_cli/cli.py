@@ -62,7 +62,7 @@ def _root(
 # ----------------------------------------------------------------------------- prepare-splits
 @app.command("prepare-splits", rich_help_panel="Data")
 def prepare_splits_cmd(
-    dataset: Annotated[str, typer.Option(help="voc | cityscapes | camvid | folder | demo.")],
+    dataset: Annotated[str, typer.Option(help="voc | cityscapes | camvid | folder | demo | yolo | coco.")],
     root: Annotated[Path, typer.Option(help="Dataset root folder.")],
     labeled: Annotated[str, typer.Option(help="Fraction (1/8), count (183), or several: 1/16,1/8,92.")],
     out: Annotated[Path, typer.Option(help="Folder for labeled.txt / unlabeled.txt.")] = Path("splits"),
@@ -97,6 +97,9 @@ def prepare_splits_cmd(
 
 
 # ----------------------------------------------------------------------------- train
+GENERIC_PRESET = "generic_mbv2-os16_8+8-4000it_auto"
+
+
 @app.command("train", rich_help_panel="Train and evaluate")
 def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name in presets/ or a .toml path.")] = None,
@@ -106,6 +109,7 @@ def train_cmd(
     unlabeled_list: Annotated[Optional[Path], typer.Option(help="unlabeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
     val_list: Annotated[Optional[Path], typer.Option(help="val.txt from prepare-splits --val: validate on it instead of data.val_split.", rich_help_panel="Data")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Dataset root (overrides data.root).", rich_help_panel="Data")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="voc | cityscapes | camvid | folder | demo | yolo | coco (overrides data.dataset); without --preset, the generic preset sizes itself from the data.", rich_help_panel="Data")] = None,
     iters: Annotated[Optional[int], typer.Option(help="Training iterations.", rich_help_panel="Schedule")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Labeled images per step (and unlabeled unless set apart).", rich_help_panel="Schedule")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Base learning rate (backbone).", rich_help_panel="Schedule")] = None,
@@ -139,6 +143,7 @@ def train_cmd(
         "data.unlabeled_list": str(unlabeled_list) if unlabeled_list else _UNSET,
         "data.val_list": str(val_list) if val_list else _UNSET,
         "data.root": str(root) if root else _UNSET,
+        "data.dataset": dataset if dataset else _UNSET,
         "train.iters": iters if iters is not None else _UNSET,
         "data.batch_size": batch_size if batch_size is not None else _UNSET,
         "optim.lr": lr if lr is not None else _UNSET,
@@ -148,7 +153,12 @@ def train_cmd(
         "out": str(out) if out else _UNSET,
     }
     values = {k: v for k, v in shortcut.items() if v is not _UNSET}
-    cfg = resolve_run_config(preset, method, list(set_ or []), values, resume=resume, overwrite=overwrite)
+    if dataset and not preset:
+        preset = GENERIC_PRESET
+    notes: list[str] = []
+    cfg = resolve_run_config(preset, method, list(set_ or []), values, resume=resume, overwrite=overwrite, notes=notes)
+    for line in notes:
+        err_console.print(f"auto: {line}", highlight=False, markup=False)
     if dry_run:
         check_run_config(cfg, resume=resume, overwrite=overwrite)  # every rule `train` applies before starting
         out_console.print(config_to_toml(cfg), highlight=False, markup=False)

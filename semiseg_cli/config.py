@@ -47,6 +47,10 @@ class DataConfig(Section):
     # Colour masks (folder layout): a palette file mapping RGB colours to classes; None: masks
     # hold class ids (or `palette.txt` in the root, when present, names the colours).
     palette_file: str | None = None
+    # Generic presets: fill data.resize, data.crop_size, eval.batch_size and the MobileNetV2's
+    # ImageNet weights from the training pool's image sizes at start (engine/auto_defaults.py);
+    # the run folder's config.toml holds the values chosen (and auto = false).
+    auto: bool = False
     # Pool the labeled/unlabeled split is drawn from, and the split used for validation.
     train_split: str = "train"
     val_split: str = "val"

@@ -29,14 +29,23 @@ def resolve_run_config(
     values: dict[str, Any],
     resume: bool = False,
     overwrite: bool = False,
+    notes: list[str] | None = None,
 ) -> Any:
+    """The run's validated config. `data.auto` fields are filled from the data here (one line
+    each appended to `notes`), except for a resumed run, which keeps its stored config."""
     from semiseg_cli.config import build_config, resume_config
+    from semiseg_cli.engine.auto_defaults import explicit_keys, fill_from_data
 
     cfg = build_config(preset, overrides, method, values)
     if cfg.out == "runs/run":  # default folder: name it after the preset and method
         cfg.out = default_out(cfg)
     last = Path(cfg.out) / "last.pt"
-    if resume and not overwrite and last.is_file():
+    resuming = resume and not overwrite and last.is_file()
+    if not resuming and cfg.data.auto:
+        filled = fill_from_data(cfg, explicit_keys(preset, overrides, values))
+        if notes is not None:
+            notes.extend(filled)
+    if resuming:
         # A resumed run continues with the config stored in its checkpoint; the options given
         # now may only change what RESUME_MAY_CHANGE lists.
         from semiseg_cli.engine.checkpoint import load_checkpoint
