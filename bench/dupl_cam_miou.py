@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semiseg_cli.data import build_dataset, get_layout, load_tags  # noqa: E402
+from semiseg_cli.data import build_dataset, layout_for, load_tags  # noqa: E402
 from semiseg_cli.data.transforms import denormalize  # noqa: E402
 from semiseg_cli.engine.checkpoint import load_for_inference  # noqa: E402
 from semiseg_cli.engine.device import resolve_device  # noqa: E402
@@ -37,7 +37,7 @@ def cam_miou(ckpt: Path, split: str, device: torch.device, tau_high: float | Non
     if cfg.method != "dupl":
         raise SystemExit(f"error: {ckpt} was trained with {cfg.method}, not dupl")
     p, d = cfg.dupl, cfg.data
-    layout = get_layout(d.dataset, d.root)
+    layout = layout_for(d)
     pairs = layout.list_pairs(split)[:limit]
     ds = build_dataset(d, pairs, train=False)
     if tags_file is not None:
