@@ -34,9 +34,10 @@ from semiseg_cli.metrics import ConfusionMatrix  # noqa: E402
 def cam_miou(ckpt: Path, split: str, device: torch.device, tau_high: float | None, tags_file: Path | None,
              limit: int | None = None) -> dict:
     model, cfg, meta = load_for_inference(ckpt, device)
-    if cfg.method != "dupl":
-        raise SystemExit(f"error: {ckpt} was trained with {cfg.method}, not dupl")
-    p, d = cfg.dupl, cfg.data
+    if cfg.method not in ("dupl", "cam_baseline"):
+        raise SystemExit(f"error: {ckpt} was trained with {cfg.method}, not dupl or cam_baseline")
+    p, d = getattr(cfg, cfg.method), cfg.data
+    subnets = list(getattr(model, "subnets", [model]))  # DuPL's two sub-nets, or the baseline's one
     layout = layout_for(d)
     pairs = layout.list_pairs(split)[:limit]
     ds = build_dataset(d, pairs, train=False)
@@ -45,7 +46,7 @@ def cam_miou(ckpt: Path, split: str, device: torch.device, tau_high: float | Non
     par = PAR(p.par_dilations, p.par_iters, p.par_w1, p.par_w2).to(device) if p.par_iters > 0 else None
     th = p.tau_high_end if tau_high is None else tau_high
     n = layout.num_classes
-    mats = {name: ConfusionMatrix(n + 1, ignore_index=IGNORE, device=device) for name in ("net1", "net2")}
+    mats = {name: ConfusionMatrix(n + 1, ignore_index=IGNORE, device=device) for name in ("net1", "net2")[: len(subnets)]}
     labelled = {k: 0 for k in mats}
     total = 0
     for i in range(len(ds)):
@@ -55,7 +56,7 @@ def cam_miou(ckpt: Path, split: str, device: torch.device, tau_high: float | Non
         fg = item["tags"][None, 1:].to(device)
         img = denormalize(x.float(), d.mean, d.std).clamp(0, 1)
         total += int((gt != IGNORE).sum())
-        for name, sub in zip(mats, model.subnets):
+        for name, sub in zip(mats, subnets):
             cam = multi_scale_cam(sub.cam, x, p.cam_scales, fg)
             lab = refine_pseudo_labels(par, img, cam, fg, torch.full((1,), th, device=device), p.tau_low, p.par_downscale)
             keep = gt != IGNORE
