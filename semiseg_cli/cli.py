@@ -103,7 +103,7 @@ GENERIC_PRESET = "generic_mbv2-os16_8+8-4000it_auto"
 @app.command("train", rich_help_panel="Train and evaluate")
 def train_cmd(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name in presets/ or a .toml path.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="supervised | u2pl | advsemiseg | dupl | fixmatch | unimatch | unimatch_v2 (overrides the preset).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="supervised | u2pl | advsemiseg | dupl | cam_baseline | fixmatch | unimatch | unimatch_v2 (overrides the preset).")] = None,
     labeled: Annotated[Optional[str], typer.Option(help="Labeled fraction or count drawn from the training pool, e.g. 1/8.", rich_help_panel="Data")] = None,
     labeled_list: Annotated[Optional[Path], typer.Option(help="labeled.txt from prepare-splits.", rich_help_panel="Data")] = None,
     unlabeled_list: Annotated[Optional[Path], typer.Option(help="unlabeled.txt from prepare-splits.", rich_help_panel="Data")] = None,

@@ -194,7 +194,7 @@ class SupervisedConfig(RunBase):
 
 # Method sections live beside their methods; imported here so the union below is complete.
 from semiseg_cli.methods.params import (  # noqa: E402
-    AdvSemiSegParams, DuPLParams, FixMatchParams, U2PLParams, UniMatchParams, UniMatchV2Params,
+    AdvSemiSegParams, CAMBaselineParams, DuPLParams, FixMatchParams, U2PLParams, UniMatchParams, UniMatchV2Params,
 )
 
 
@@ -213,6 +213,11 @@ class DuPLConfig(RunBase):
     dupl: DuPLParams = DuPLParams()
 
 
+class CAMBaselineConfig(RunBase):
+    method: Literal["cam_baseline"]
+    cam_baseline: CAMBaselineParams = CAMBaselineParams()
+
+
 class FixMatchConfig(RunBase):
     method: Literal["fixmatch"]
     fixmatch: FixMatchParams = FixMatchParams()
@@ -229,10 +234,13 @@ class UniMatchV2Config(RunBase):
 
 
 RunConfig = Annotated[
-    Union[SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig, FixMatchConfig, UniMatchConfig, UniMatchV2Config],
+    Union[
+        SupervisedConfig, U2PLConfig, AdvSemiSegConfig, DuPLConfig, CAMBaselineConfig, FixMatchConfig, UniMatchConfig,
+        UniMatchV2Config,
+    ],
     Field(discriminator="method"),
 ]
-METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl", "fixmatch", "unimatch", "unimatch_v2")
+METHOD_NAMES = ("supervised", "u2pl", "advsemiseg", "dupl", "cam_baseline", "fixmatch", "unimatch", "unimatch_v2")
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(RunConfig)
 
 
@@ -313,7 +321,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A preset may start from another one (`base = "name"`), then override a few fields."""
+    """A preset may start from another one (`base = "name"`), then override a few fields.
+
+    A preset whose `method` differs from its base's keeps the base's data/model/optim/train/eval
+    sections but not the base method's own section (as `--method` does): a method's settings
+    never carry over to another method, so the preset states the ones it wants."""
     raw = load_toml(path)
     base = raw.pop("base", None)
     if base is None:
@@ -323,6 +335,9 @@ def load_preset(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise UserError(f"preset {path.name}: base chain loops back to {base_path.name}")
     parent = load_preset(base_path, _seen + (path.resolve(),))
     parent.pop("name", None)
+    parent_method = parent.get("method", "supervised")
+    if raw.get("method", parent_method) != parent_method:
+        parent.pop(parent_method, None)
     return _merge(parent, raw)
 
 

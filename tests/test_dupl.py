@@ -374,6 +374,7 @@ def test_crop_padding_is_never_pseudo_labelled_nor_trained_on(monkeypatch: pytes
 
 
 def test_training_view_is_photometrically_augmented_and_eval_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import semiseg_cli.methods.cam as cam_module  # training_view lives there (shared with cam_baseline)
     import semiseg_cli.methods.dupl as dupl_module
 
     torch.manual_seed(0)
@@ -381,7 +382,7 @@ def test_training_view_is_photometrically_augmented_and_eval_is_not(monkeypatch:
     method = get_method("dupl")(cfg, 4, ["bg", "a", "b", "c"]).train()
     net: DualNet = method.model  # type: ignore[assignment]
     calls: list[dict[str, Any]] = []
-    real_photometric, real_cam = dupl_module.strong_photometric, dupl_module.multi_scale_cam
+    real_photometric, real_cam = cam_module.strong_photometric, dupl_module.multi_scale_cam
 
     def spy_photometric(x: torch.Tensor, mean: Any, std: Any, **kw: Any) -> torch.Tensor:
         calls.append(kw)
@@ -400,7 +401,7 @@ def test_training_view_is_photometrically_augmented_and_eval_is_not(monkeypatch:
         forward_inputs.append(x)
         return real_forward(x, **kw)
 
-    monkeypatch.setattr(dupl_module, "strong_photometric", spy_photometric)
+    monkeypatch.setattr(cam_module, "strong_photometric", spy_photometric)
     monkeypatch.setattr(dupl_module, "multi_scale_cam", spy_cam)
     monkeypatch.setattr(net, "forward", spy_forward)
     batch = {"image": torch.randn(2, 3, 64, 64), "tags": torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])}

@@ -11,6 +11,7 @@ _MODULES = {
     "u2pl": ("semiseg_cli.methods.u2pl", "U2PL"),
     "advsemiseg": ("semiseg_cli.methods.advsemiseg", "AdvSemiSeg"),
     "dupl": ("semiseg_cli.methods.dupl", "DuPL"),
+    "cam_baseline": ("semiseg_cli.methods.cam_baseline", "CAMBaseline"),
     "fixmatch": ("semiseg_cli.methods.fixmatch", "FixMatch"),
     "unimatch": ("semiseg_cli.methods.unimatch", "UniMatch"),
     "unimatch_v2": ("semiseg_cli.methods.unimatch_v2", "UniMatchV2"),

@@ -18,18 +18,68 @@ The pipeline (official DuPL code, which the paper summarises):
 
 What can go wrong: a class whose CAM is all zeros after the ReLU stays zero (its min-max range
 is 0; the 1e-5 guard avoids a NaN). An image without tags is all background.
+
+Also here, because DuPL and the single-network baseline (`cam_baseline.py`) train with them
+alike: the official training view (`training_view`), the image box of a padded crop
+(`inside_image`), BatchNorm statistics frozen for the CAM passes (`frozen_bn_stats`), the
+segmentation loss against a pseudo-label map (`seg_loss`) and the per-image tau_h
+(`image_tau_high`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg_cli.data.transforms import strong_photometric
+
 IGNORE = 255
+
+
+# ----------------------------------------------------------------------------- training view
+
+
+def training_view(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The official training view, one draw per image: ColorJitter(brightness 0.4, contrast 0.4,
+    saturation 0.2, hue 0.1) with p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2) p 1.0.
+
+    The official code has one training view and always augments it, so the CAMs, PAR and the
+    heads all see the augmented image. Brightness, contrast, saturation and hue are applied in
+    that fixed order (`strong_photometric`); torchvision's ColorJitter shuffles the order.
+    """
+    return strong_photometric(x, mean, std, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0)
+
+
+def inside_image(batch: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the pixels of the image proper, from the batch's `valid` map (False where
+    the training transform padded a scaled image up to the crop); all True without one."""
+    b, _, h, w = x.shape
+    valid = batch.get("valid")
+    if valid is None:
+        return torch.ones(b, h, w, dtype=torch.bool, device=x.device)
+    if tuple(valid.shape) != (b, h, w):
+        raise ValueError(f"batch['valid'] is {tuple(valid.shape)}, expected {(b, h, w)} like the images")
+    return valid.to(x.device, torch.bool)
+
+
+@contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm keeps normalising with batch statistics but does not update its running stats
+    (momentum 0): the extra CAM passes at other scales and flips must not drift them."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
 
 
 # ----------------------------------------------------------------------------- CAMs
@@ -125,6 +175,26 @@ def per_image_tau(tau_cls: torch.Tensor, tags: torch.Tensor, default: float) -> 
     masked = torch.where(tags > 0, t, torch.full_like(t, -1.0))
     best = masked.amax(1)
     return torch.where(best < 0, torch.full_like(best, default), best)
+
+
+def image_tau_high(
+    step: int,
+    begin: int,
+    total: int,
+    start: float,
+    end: float,
+    fg_tags: torch.Tensor,
+    per_class: bool = False,
+    fixed_classes: Sequence[int] = (),
+) -> torch.Tensor:
+    """Each image's tau_h (B,) at `step`: the cosine descent from `begin` to the last step (the
+    paper), or with `per_class` the max over the image's tags of per-class targets whose
+    `fixed_classes` keep `start` (the official code)."""
+    value = cosine_descent(start, end, step, begin, total)
+    if not per_class:
+        return torch.full((fg_tags.shape[0],), value, device=fg_tags.device)
+    per_cls = tau_high_schedule(step, begin, total, start, end, fg_tags.shape[1], fixed_classes)
+    return per_image_tau(per_cls, fg_tags, value)
 
 
 # ----------------------------------------------------------------------------- PAR
@@ -239,6 +309,23 @@ def refine_pseudo_labels(
     lab_l = maps[:, c:].argmax(1)
     label = torch.where(lab_h == 0, torch.full_like(lab_h, IGNORE), lab_h)
     return torch.where((lab_h == 0) & (lab_l == 0), torch.zeros_like(label), label)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, kind: str = "ce", ignore: int = IGNORE) -> torch.Tensor:
+    """Cross-entropy against a pseudo-label map; 0 (still in the graph) when nothing is labelled.
+
+    "balanced" (official code): the mean of the background-pixel CE and the foreground-pixel CE.
+    """
+    ce = F.cross_entropy(logits.float(), label, ignore_index=ignore, reduction="none")
+    valid = label != ignore
+    if kind == "ce":
+        return (ce * valid).sum() / valid.sum().clamp_min(1)
+    bg = label == 0
+    fg = valid & ~bg
+    return 0.5 * ((ce * bg).sum() / (bg.sum() + 1e-6) + (ce * fg).sum() / (fg.sum() + 1e-6))
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -21,26 +21,27 @@ pseudo-labels. Class 0 is background; CAMs exist for classes 1..C-1. The batch's
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg_cli.data.transforms import denormalize, normalize, strong_photometric
+from semiseg_cli.data.transforms import denormalize, normalize
 from semiseg_cli.engine import distributed
 from semiseg_cli.errors import UserError, warn
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
 from semiseg_cli.methods.cam import (
     IGNORE,
     PAR,
-    cosine_descent,
+    frozen_bn_stats,
+    image_tau_high,
+    inside_image,
     multi_scale_cam,
-    per_image_tau,
     pseudo_label_stats,
     refine_pseudo_labels,
-    tau_high_schedule,
+    seg_loss,
+    training_view,
 )
 from semiseg_cli.methods.dupl_net import DualNet, build_dual_net
 from semiseg_cli.methods.gmm import gmm_noise_mask
@@ -69,20 +70,6 @@ def discrepancy_loss(f1: torch.Tensor, f2: torch.Tensor, form: str = "paper") ->
     return discrepancy_term(f1, f2, form) + discrepancy_term(f2, f1, form)
 
 
-def seg_loss(logits: torch.Tensor, label: torch.Tensor, kind: str = "ce", ignore: int = IGNORE) -> torch.Tensor:
-    """Cross-entropy against a pseudo-label map; 0 (still in the graph) when nothing is labelled.
-
-    "balanced" (official code): the mean of the background-pixel CE and the foreground-pixel CE.
-    """
-    ce = F.cross_entropy(logits.float(), label, ignore_index=ignore, reduction="none")
-    valid = label != ignore
-    if kind == "ce":
-        return (ce * valid).sum() / valid.sum().clamp_min(1)
-    bg = label == 0
-    fg = valid & ~bg
-    return 0.5 * ((ce * bg).sum() / (bg.sum() + 1e-6) + (ce * fg).sum() / (fg.sum() + 1e-6))
-
-
 def consistency_loss(
     strong_logits: torch.Tensor,
     clean_logits: torch.Tensor,
@@ -105,20 +92,6 @@ def consistency_loss(
             mask = mask & inside
     ce = F.cross_entropy(strong_logits.float(), target, reduction="none")
     return (ce * mask).sum() / mask.sum().clamp_min(1), mask
-
-
-# ----------------------------------------------------------------------------- training view
-
-
-def training_view(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The official training view, one draw per image: ColorJitter(brightness 0.4, contrast 0.4,
-    saturation 0.2, hue 0.1) with p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2) p 1.0.
-
-    The official code has one training view and always augments it, so the CAMs, PAR and the
-    heads all see the augmented image. Brightness, contrast, saturation and hue are applied in
-    that fixed order (`strong_photometric`); torchvision's ColorJitter shuffles the order.
-    """
-    return strong_photometric(x, mean, std, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0)
 
 
 # ----------------------------------------------------------------------------- strong view
@@ -210,33 +183,6 @@ def _upsample(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def inside_image(batch: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) bool: the pixels of the image proper, from the batch's `valid` map (False where
-    the training transform padded a scaled image up to the crop); all True without one."""
-    b, _, h, w = x.shape
-    valid = batch.get("valid")
-    if valid is None:
-        return torch.ones(b, h, w, dtype=torch.bool, device=x.device)
-    if tuple(valid.shape) != (b, h, w):
-        raise ValueError(f"batch['valid'] is {tuple(valid.shape)}, expected {(b, h, w)} like the images")
-    return valid.to(x.device, torch.bool)
-
-
-@contextmanager
-def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """BatchNorm keeps normalising with batch statistics but does not update its running stats
-    (momentum 0): the extra CAM passes at other scales and flips must not drift them."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-
-
 # ----------------------------------------------------------------------------- the method
 
 
@@ -292,12 +238,9 @@ class DuPL(Method):
     def tau_high(self, step: int, fg_tags: torch.Tensor) -> torch.Tensor:
         """The high threshold for each image (B,) at `step`."""
         p = self.cfg.dupl
-        total = self.total_iters()
-        value = cosine_descent(p.tau_high_start, p.tau_high_end, step, p.seg_start, total)
-        if not p.per_class_tau:
-            return torch.full((fg_tags.shape[0],), value, device=fg_tags.device)
-        per_cls = tau_high_schedule(step, p.seg_start, total, p.tau_high_start, p.tau_high_end, fg_tags.shape[1], p.fixed_tau_classes)
-        return per_image_tau(per_cls, fg_tags, value)
+        return image_tau_high(
+            step, p.seg_start, self.total_iters(), p.tau_high_start, p.tau_high_end, fg_tags, p.per_class_tau, p.fixed_tau_classes
+        )
 
     # ------------------------------------------------------------------ training
     def training_step(

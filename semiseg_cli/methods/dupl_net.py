@@ -10,7 +10,8 @@ Backbones: `"vit_b_16"` (`semiseg_cli.models.vit`, the paper's DeiT-B/16 layout)
 
 `DualNet.forward(x)` is the inference interface (`{"logits"}` at the input size, from sub-net 1
 or the mean of both); `forward(x, strong, train_outputs=True)` returns everything training needs
-in one call, so DDP sees exactly one forward per step.
+in one call, so DDP sees exactly one forward per step. `SingleNet` is the same interface over one
+sub-network: the single-network weak baseline (`methods/cam_baseline.py`).
 """
 
 from __future__ import annotations
@@ -104,16 +105,41 @@ class DualNet(nn.Module):
         return out
 
 
-def _one_backbone(cfg: Any) -> nn.Module:
-    p = cfg.dupl
+class SingleNet(nn.Module):
+    """One sub-network behind DualNet's interface: `forward(x)` gives its `{"logits"}` at the
+    input size, `forward(x, train_outputs=True)` its training outputs (`DuPLSubNet.forward`)."""
+
+    def __init__(self, net: DuPLSubNet) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The sub-net's backbone (not registered twice), for the backbone LR group."""
+        return self.net.backbone
+
+    def forward(self, x: torch.Tensor, train_outputs: bool = False) -> dict[str, Any]:
+        if train_outputs:
+            return self.net(x)
+        seg = self.net.segment(x)
+        return {"logits": F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+def _one_backbone(p: Any, model_cfg: Any, section: str) -> nn.Module:
+    """The backbone `p.backbone` names: `model_cfg`'s CNN, or ViT-B/16 (`p.vit_pretrained`,
+    `p.aux_layer`); `section` names the preset section in error messages."""
     if p.backbone == "cnn":
         from semiseg_cli.models.backbones import build_backbone
 
-        m = cfg.model
+        m = model_cfg
         return build_backbone(m.backbone, m.output_stride, m.pretrained, m.deep_stem, m.multi_grid)
     from semiseg_cli.models.vit import build_vit_b16
 
-    return build_vit_b16(p.vit_pretrained, p.aux_layer, field="dupl.vit_pretrained")
+    return build_vit_b16(p.vit_pretrained, p.aux_layer, field=f"{section}.vit_pretrained")
+
+
+def _subnet(p: Any, model_cfg: Any, num_classes: int, section: str) -> DuPLSubNet:
+    return DuPLSubNet(_one_backbone(p, model_cfg, section), num_classes, p.seg_channels, p.seg_dilation)
 
 
 def build_dual_net(cfg: Any, num_classes: int) -> DualNet:
@@ -121,5 +147,11 @@ def build_dual_net(cfg: Any, num_classes: int) -> DualNet:
     Training and `build_inference_model` both come through here, so a checkpoint always matches
     the rebuilt structure."""
     p = cfg.dupl
-    net1, net2 = (DuPLSubNet(_one_backbone(cfg), num_classes, p.seg_channels, p.seg_dilation) for _ in range(2))
+    net1, net2 = (_subnet(p, cfg.model, num_classes, "dupl") for _ in range(2))
     return DualNet(net1, net2, p.inference)
+
+
+def build_single_net(cfg: Any, num_classes: int) -> SingleNet:
+    """One sub-network from `cfg.cam_baseline` and `cfg.model`, as `build_dual_net` builds each of
+    DuPL's two."""
+    return SingleNet(_subnet(cfg.cam_baseline, cfg.model, num_classes, "cam_baseline"))

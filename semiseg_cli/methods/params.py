@@ -147,34 +147,21 @@ class AdvSemiSegParams(_Params):
 
 
 
-class DuPLParams(_Params):
-    """DuPL (CVPR 2024), weakly supervised from image-level tags. See docs/methods_dupl.md.
-
-    Paper values unless a comment says otherwise; "code" marks the official implementation's
-    choice where it differs (reachable, not the default).
-    """
-
-    SECTION: ClassVar[str] = "dupl"
-
-    # Options removed (no preset used them, no measurement supported them), with the behaviour
-    # that remains; docs/methods_dupl.md, "Removed options".
-    REMOVED: ClassVar[dict[str, object]] = {
-        "gmm_guard_low": False,  # low-loss pixels may be filtered, as paper and code
-        "strong_flip_prob": 1.0,  # the strong view is always flipped, as the code
-        "single_net": False,  # always two sub-networks with cross supervision
-    }
+class CAMParams(_Params):
+    """What DuPL and its single-network baseline share: one sub-network's structure, its CAMs,
+    the thresholds and their schedule, PAR, and the segmentation loss on the pseudo-labels. See
+    docs/methods_dupl.md. Paper values unless a comment says otherwise; "code" marks the official
+    implementation's choice where it differs (reachable, not the default)."""
 
     # Paper: ViT-B/16 (DeiT-B, ImageNet-1k). "cnn" uses model.backbone/output_stride/pretrained
-    # so DuPL runs on a CPU; it is the default because a randomly initialised ViT learns nothing
-    # useful in a CPU budget. VOC/COCO presets set "vit_b_16" with vit_pretrained.
+    # so the method runs on a CPU; it is the default because a randomly initialised ViT learns
+    # nothing useful in a CPU budget. VOC/COCO presets set "vit_b_16" with vit_pretrained.
     backbone: Literal["vit_b_16", "cnn"] = "cnn"
     vit_pretrained: str | None = None  # "imagenet" (torchvision ViT-B/16) or a DeiT-B/ViT-B state dict path
     # ViT-B/16 block (of 12) of the auxiliary classifier: the 3rd-last; the CNN uses its "mid" features.
     aux_layer: int = Field(-3, ge=-12, le=11)
     seg_channels: int = Field(512, ge=1)  # LargeFOV width
     seg_dilation: int = Field(5, ge=1)
-    # Which segmentation head `eval` uses: sub-net 1 (official evaluation) or the mean of both.
-    inference: Literal["net1", "mean"] = "net1"
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)  # each with its horizontal flip
     tau_low: float = Field(0.25, ge=0, le=1)
     tau_high_start: float = Field(0.70, ge=0, le=1)  # cosine descent from seg_start to the last step
@@ -188,13 +175,61 @@ class DuPLParams(_Params):
     par_w1: float = Field(0.3, gt=0)
     par_w2: float = Field(0.01, ge=0)
     par_downscale: int = Field(2, ge=1)  # code refines at half resolution
-    discrepancy: Literal["paper", "code"] = "paper"  # -log(1 - cos) | 1 + cos; cosine per channel
-    discrepancy_weight: float = Field(0.1, ge=0)
     seg_weight: float = Field(0.2, ge=0)
-    seg_start: int = Field(2000, ge=0)  # cross pseudo-supervision (and the tau_h descent) start here
+    seg_start: int = Field(2000, ge=0)  # pseudo-label supervision of the heads (and the tau_h descent) starts here
     # "ce": plain cross-entropy over labelled pixels; "balanced" (code): mean of the background CE
     # and the foreground CE, so background does not dominate.
     seg_loss: Literal["ce", "balanced"] = "ce"
+    # Compute the CAM pseudo-labels before seg_start too, only to log their mIoU against gt_mask
+    # (costs the multi-scale CAM passes on every step of the warm-up).
+    log_cam_miou: bool = True
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "CAMParams":
+        if not self.tau_low < self.tau_high_end <= self.tau_high_start:
+            raise ValueError(
+                f"need tau_low < tau_high_end <= tau_high_start (got {self.tau_low}, {self.tau_high_end}, {self.tau_high_start})"
+            )
+        if not self.cam_scales or min(self.cam_scales) <= 0:
+            raise ValueError("cam_scales must be a non-empty list of positive scales")
+        if self.par_iters and (not self.par_dilations or min(self.par_dilations) < 1):
+            raise ValueError("par_dilations must be a non-empty list of positive integers (or par_iters = 0)")
+        if self.fixed_tau_classes and not self.per_class_tau:
+            raise ValueError("fixed_tau_classes only applies with per_class_tau = true")
+        return self
+
+
+class CAMBaselineParams(CAMParams):
+    """The single-network weak baseline DuPL's ablation starts from: one sub-network whose head
+    learns from its own refined CAM pseudo-labels. Every field is DuPL's, with DuPL's default;
+    docs/methods_dupl.md, "The single-network baseline"."""
+
+    SECTION: ClassVar[str] = "cam_baseline"
+
+
+class DuPLParams(CAMParams):
+    """DuPL (CVPR 2024), weakly supervised from image-level tags: two sub-networks (each as
+    `CAMParams` describes) with cross supervision, discrepancy, GMM noise filtering and
+    consistency. See docs/methods_dupl.md.
+
+    Paper values unless a comment says otherwise; "code" marks the official implementation's
+    choice where it differs (reachable, not the default).
+    """
+
+    SECTION: ClassVar[str] = "dupl"
+
+    # Options removed (no preset used them, no measurement supported them), with the behaviour
+    # that remains; docs/methods_dupl.md, "Removed options".
+    REMOVED: ClassVar[dict[str, object]] = {
+        "gmm_guard_low": False,  # low-loss pixels may be filtered, as paper and code
+        "strong_flip_prob": 1.0,  # the strong view is always flipped, as the code
+        "single_net": False,  # always two sub-networks with cross supervision; the baseline is method cam_baseline
+    }
+
+    # Which segmentation head `eval` uses: sub-net 1 (official evaluation) or the mean of both.
+    inference: Literal["net1", "mean"] = "net1"
+    discrepancy: Literal["paper", "code"] = "paper"  # -log(1 - cos) | 1 + cos; cosine per channel
+    discrepancy_weight: float = Field(0.1, ge=0)
     consistency: bool = True
     consistency_weight: float = Field(0.05, ge=0)
     consistency_thresh: float = Field(0.9, ge=0, le=1)  # clean-view confidence for a target
@@ -213,24 +248,6 @@ class DuPLParams(_Params):
     # log-likelihood changes by < 1e-2 (the code's sklearn tol).
     gmm_iters: int = Field(10, ge=1)
     gmm_reg: float = Field(5e-4, gt=0)  # added to the variances (sklearn reg_covar)
-    # Compute the CAM pseudo-labels before seg_start too, only to log their mIoU against gt_mask
-    # (costs the multi-scale CAM passes on every step of the warm-up).
-    log_cam_miou: bool = True
-
-
-    @model_validator(mode="after")
-    def _thresholds(self) -> "DuPLParams":
-        if not self.tau_low < self.tau_high_end <= self.tau_high_start:
-            raise ValueError(
-                f"need tau_low < tau_high_end <= tau_high_start (got {self.tau_low}, {self.tau_high_end}, {self.tau_high_start})"
-            )
-        if not self.cam_scales or min(self.cam_scales) <= 0:
-            raise ValueError("cam_scales must be a non-empty list of positive scales")
-        if self.par_iters and (not self.par_dilations or min(self.par_dilations) < 1):
-            raise ValueError("par_dilations must be a non-empty list of positive integers (or par_iters = 0)")
-        if self.fixed_tau_classes and not self.per_class_tau:
-            raise ValueError("fixed_tau_classes only applies with per_class_tau = true")
-        return self
 
 
 class FixMatchParams(_Params):
