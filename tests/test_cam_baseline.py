@@ -56,7 +56,7 @@ def test_one_subnetwork_and_no_second_set_of_weights() -> None:
     net = method.model
     assert isinstance(net, SingleNet)
     subnets = [m for m in method.modules() if isinstance(m, DuPLSubNet)]
-    assert len(subnets) == 1 and subnets[0] is net.net
+    assert len(subnets) == 1 and subnets[0] is net.net and net.subnets == [net.net]  # DualNet's interface
     alone = sum(p.numel() for p in net.net.parameters())
     assert sum(p.numel() for p in method.parameters()) == alone  # nothing outside the one sub-net
     assert all(k.startswith("net.") for k in method.model.state_dict())

@@ -114,6 +114,11 @@ class SingleNet(nn.Module):
         self.net = net
 
     @property
+    def subnets(self) -> list[DuPLSubNet]:
+        """As `DualNet.subnets`: code that reads every sub-net's CAMs works on either."""
+        return [self.net]
+
+    @property
     def backbone(self) -> nn.Module:
         """The sub-net's backbone (not registered twice), for the backbone LR group."""
         return self.net.backbone
