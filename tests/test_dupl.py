@@ -112,6 +112,36 @@ def test_refined_labels_equal_thresholds_without_par() -> None:
     assert torch.equal(refined[1], torch.zeros(8, 8, dtype=torch.long))  # no tags: all background
 
 
+def test_refining_only_the_tagged_channels_gives_the_labels_of_refining_all() -> None:
+    """80 classes, a few tagged per image: PAR over the batch's tagged channels only must give
+    exactly the labels of PAR over every channel (the untagged ones are 0 and stay 0)."""
+    torch.manual_seed(1)
+    b, c, h, w = 3, 80, 24, 20
+    cam = torch.rand(b, c, h, w)
+    tags = torch.zeros(b, c)
+    tags[0, [3, 17]] = 1
+    tags[1, [17, 42, 79]] = 1  # image 2 untagged: all background
+    img, tau = torch.rand(b, 3, h, w), torch.tensor([0.7, 0.6, 0.65])
+    par = PAR((1, 2, 4), 5)
+
+    def refine_every_channel() -> torch.Tensor:
+        hs, ws = h // 2, w // 2
+        valid = torch.cat([torch.ones(b, 1), tags], 1) > 0
+        stacks = []
+        for bg in (tau.view(b, 1, 1, 1).expand(b, 1, h, w), torch.full((b, 1, h, w), 0.25)):
+            m = F.interpolate(torch.cat([bg, cam], 1), size=(hs, ws), mode="bilinear", align_corners=False)
+            stacks.append(torch.softmax(m.masked_fill(~valid[:, :, None, None], float("-inf")), 1))
+        maps = par(F.interpolate(img, size=(hs, ws), mode="bilinear", align_corners=False), torch.cat(stacks, 1))
+        maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+        lab_h, lab_l = maps[:, : c + 1].argmax(1), maps[:, c + 1 :].argmax(1)
+        label = torch.where(lab_h == 0, torch.full_like(lab_h, IGNORE), lab_h)
+        return torch.where((lab_h == 0) & (lab_l == 0), torch.zeros_like(label), label)
+
+    got = refine_pseudo_labels(par, img, cam, tags, tau, 0.25, downscale=2)
+    assert torch.equal(got, refine_every_channel())
+    assert set(got.unique().tolist()) - {0, IGNORE} <= {4, 18, 43, 80} and (got[2] == 0).all()
+
+
 def test_pseudo_label_stats() -> None:
     label = torch.tensor([[[0, 1, IGNORE, 1]]])
     gt = torch.tensor([[[0, 1, 1, 0]]])

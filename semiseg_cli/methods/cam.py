@@ -285,28 +285,35 @@ def refine_pseudo_labels(
 
     img: the *denormalised* image (B, 3, H, W) (any linear colour scale; PAR is scale-free);
     cam: normalised CAMs (B, C-1, H, W); tags (B, C-1); tau_high (B,) per image.
-    Both threshold runs are refined in one PAR call (2C channels). With `par=None` (or 0
-    iterations) this equals `cam_to_label` up to ties.
+    Both threshold runs are refined in one PAR call. With `par=None` (or 0 iterations) this
+    equals `cam_to_label` up to ties.
+
+    Only the channels some image of the batch is tagged with (and background) are refined: an
+    untagged channel is exactly 0 after the masked softmax, PAR is linear per channel with positive
+    weights, and every pixel's values sum to 1, so such a channel stays 0 and never wins the
+    argmax. The labels are the same bit for bit, and a COCO-sized class list (80 classes, a few
+    per image) costs a few channels of PAR instead of 160.
     """
     b, _, h, w = img.shape
     hs, ws = max(1, h // downscale), max(1, w // downscale)
     bg_h = tau_high.to(cam.device, cam.dtype).view(b, 1, 1, 1).expand(b, 1, h, w)
     bg_l = torch.full((b, 1, h, w), float(tau_low), device=cam.device, dtype=cam.dtype)
     valid = torch.cat([torch.ones_like(tags[:, :1]), tags], 1) > 0  # (B, C)
+    used = valid.any(0).nonzero().flatten()  # class ids refined: background + the batch's tags
     stacks = []
     for bg in (bg_h, bg_l):
         m = torch.cat([bg, cam], 1)
         m = F.interpolate(m, size=(hs, ws), mode="bilinear", align_corners=False)
         m = m.masked_fill(~valid[:, :, None, None], float("-inf"))
-        stacks.append(torch.softmax(m, 1))
-    maps = torch.cat(stacks, 1)  # (B, 2C, hs, ws)
+        stacks.append(torch.softmax(m, 1).index_select(1, used))
+    maps = torch.cat(stacks, 1)  # (B, 2K, hs, ws)
     if par is not None and par.iters > 0:
         small = F.interpolate(img.float(), size=(hs, ws), mode="bilinear", align_corners=False)
         maps = par(small, maps)
     maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
-    c = cam.shape[1] + 1
-    lab_h = maps[:, :c].argmax(1)
-    lab_l = maps[:, c:].argmax(1)
+    k = used.numel()
+    lab_h = used[maps[:, :k].argmax(1)]
+    lab_l = used[maps[:, k:].argmax(1)]
     label = torch.where(lab_h == 0, torch.full_like(lab_h, IGNORE), lab_h)
     return torch.where((lab_h == 0) & (lab_l == 0), torch.zeros_like(label), label)
 
