@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg_cli.data.transforms import strong_photometric
+from semiseg_cli.errors import UserError, warn
 
 IGNORE = 255
 
@@ -360,3 +361,30 @@ def pseudo_label_stats(
     miou = (tp[present] / union[present]).mean() if bool(present.any()) else torch.tensor(float("nan"), device=label.device)
     cover = labelled.float().mean() if inside is None else (labelled & inside).sum().float() / inside.sum().clamp_min(1)
     return miou.float(), cover
+
+
+# ----------------------------------------------------------------------------- config rules
+
+
+def check_cam_config(cfg: Any, section: str, num_classes: int | None, smallest_scale: float, scales_hint: str) -> None:
+    """The rules every CAM-trained method's section shares (`[dupl]`, `[cam_baseline]`): a
+    warning when segmentation never starts, background plus a foreground class, valid
+    `fixed_tau_classes`, and at least one 16-pixel ViT patch at `smallest_scale` of the crop."""
+    p = getattr(cfg, section)
+    if p.seg_start >= cfg.train.iters:
+        warn(
+            f"{section}.seg_start ({p.seg_start}) is not below train.iters ({cfg.train.iters}): the segmentation "
+            f"head never learns from the CAM pseudo-labels and the model predicts nothing useful; lower {section}.seg_start"
+        )
+    if num_classes is None:
+        return
+    if num_classes < 2:
+        raise UserError(f"{section} needs background (class 0) plus at least one foreground class; the dataset has {num_classes}")
+    bad = [c for c in p.fixed_tau_classes if not 1 <= c < num_classes]
+    if bad:
+        raise UserError(f"{section}.fixed_tau_classes {bad} are not foreground class ids 1..{num_classes - 1}")
+    if p.backbone == "vit_b_16" and int(min(cfg.data.crop_size) * smallest_scale) < 16:
+        raise UserError(
+            f"data.crop_size {tuple(cfg.data.crop_size)} at scale {smallest_scale} is under one 16-pixel ViT patch; "
+            f"use larger crops or larger {scales_hint}"
+        )

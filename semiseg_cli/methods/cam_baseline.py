@@ -28,11 +28,11 @@ from torch import nn
 
 from semiseg_cli.data.transforms import denormalize
 from semiseg_cli.engine import distributed
-from semiseg_cli.errors import UserError, warn
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
 from semiseg_cli.methods.cam import (
     IGNORE,
     PAR,
+    check_cam_config,
     frozen_bn_stats,
     image_tau_high,
     inside_image,
@@ -63,26 +63,7 @@ class CAMBaseline(Method):
 
     @classmethod
     def check_config(cls, cfg: Any, num_classes: int | None) -> None:
-        p = cfg.cam_baseline
-        if p.seg_start >= cfg.train.iters:
-            warn(
-                f"cam_baseline.seg_start ({p.seg_start}) is not below train.iters ({cfg.train.iters}): the segmentation "
-                "head never learns from the CAM pseudo-labels and the model predicts nothing useful; lower cam_baseline.seg_start"
-            )
-        if num_classes is None:
-            return
-        if num_classes < 2:
-            raise UserError(
-                f"cam_baseline needs background (class 0) plus at least one foreground class; the dataset has {num_classes}"
-            )
-        bad = [c for c in p.fixed_tau_classes if not 1 <= c < num_classes]
-        if bad:
-            raise UserError(f"cam_baseline.fixed_tau_classes {bad} are not foreground class ids 1..{num_classes - 1}")
-        if p.backbone == "vit_b_16" and int(min(cfg.data.crop_size) * min(p.cam_scales)) < 16:
-            raise UserError(
-                f"data.crop_size {tuple(cfg.data.crop_size)} at scale {min(p.cam_scales)} is under one 16-pixel ViT patch; "
-                "use larger crops or larger cam_baseline.cam_scales"
-            )
+        check_cam_config(cfg, "cam_baseline", num_classes, min(cfg.cam_baseline.cam_scales), "cam_baseline.cam_scales")
 
     def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
         """cfg.optim: the backbone at lr, classifiers and head at lr x head_lr_mult (DuPL's recipe:

@@ -29,11 +29,11 @@ from torch import nn
 
 from semiseg_cli.data.transforms import denormalize, normalize
 from semiseg_cli.engine import distributed
-from semiseg_cli.errors import UserError, warn
 from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer
 from semiseg_cli.methods.cam import (
     IGNORE,
     PAR,
+    check_cam_config,
     frozen_bn_stats,
     image_tau_high,
     inside_image,
@@ -205,26 +205,8 @@ class DuPL(Method):
     @classmethod
     def check_config(cls, cfg: Any, num_classes: int | None) -> None:
         p = cfg.dupl
-        if p.seg_start >= cfg.train.iters:
-            warn(
-                f"dupl.seg_start ({p.seg_start}) is not below train.iters ({cfg.train.iters}): the segmentation heads "
-                "never learn from the CAM pseudo-labels and the model predicts nothing useful; lower dupl.seg_start"
-            )
-        if num_classes is None:
-            return
-        if num_classes < 2:
-            raise UserError(f"DuPL needs background (class 0) plus at least one foreground class; the dataset has {num_classes}")
-        bad = [c for c in p.fixed_tau_classes if not 1 <= c < num_classes]
-        if bad:
-            raise UserError(f"dupl.fixed_tau_classes {bad} are not foreground class ids 1..{num_classes - 1}")
-        if p.backbone == "vit_b_16":
-            side = min(cfg.data.crop_size)
-            small = min(min(p.cam_scales), p.strong_scale if p.consistency else 1.0)
-            if int(side * small) < 16:
-                raise UserError(
-                    f"data.crop_size {tuple(cfg.data.crop_size)} at scale {small} is under one 16-pixel ViT patch; "
-                    "use larger crops or larger dupl.cam_scales / dupl.strong_scale"
-                )
+        smallest = min(min(p.cam_scales), p.strong_scale if p.consistency else 1.0)
+        check_cam_config(cfg, "dupl", num_classes, smallest, "dupl.cam_scales / dupl.strong_scale")
 
     def configure_optimizers(self, total_iters: int) -> list[OptimizerSpec]:
         """cfg.optim over both sub-nets: backbones at lr, classifiers and heads at lr x head_lr_mult.
