@@ -104,3 +104,20 @@ def test_train_dataset_without_a_preset_prints_its_choices_and_stores_plain_valu
     # The stored config is a plain preset: training from it again chooses nothing.
     again = runner.invoke(app, ["train", "--preset", str(run / "config.toml"), "--out", str(tmp_path / "r2"), "--dry-run"])
     assert again.exit_code == 0 and "auto:" not in again.stderr
+
+
+def test_the_generic_preset_resolves_on_a_flat_colour_folder(tmp_path: Path) -> None:
+    """A flat folder (images/ + RGB masks/ + palette.txt, no split folders): the pool is `train`,
+    so the generic preset measures it and the palette gives the classes."""
+    from semiseg_cli.data import layout_for
+    from tests.test_own_data import make_flat_colour_tree
+
+    root = make_flat_colour_tree(tmp_path / "flat", n=6, size=40)
+    notes: list[str] = []
+    cfg = resolve_run_config(None, "unimatch", [], {"data.dataset": "folder", "data.root": str(root), "data.labeled": "1/2"}, notes=notes)
+    assert cfg.data.auto is False  # no preset named: plain defaults, nothing filled
+    cfg = resolve_run_config("generic_mbv2-os16_8+8-4000it_auto", "unimatch", [],
+                             {"data.dataset": "folder", "data.root": str(root), "data.labeled": "1/2"}, notes=notes)
+    assert cfg.data.crop_size == (64, 64)  # 40-pixel images: the crop's lower bound
+    assert cfg.eval.batch_size == 16 and any(n.startswith("data.crop_size") for n in notes)
+    assert layout_for(cfg.data).num_classes == 3
