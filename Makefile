@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(PY) -m semiseg_cli eval -c runs/demo-supervised/best.pt --json runs/demo-supervised/eval.json --overwrite
 	$(PY) -m semiseg_cli eval -c runs/demo-u2pl/best.pt --json runs/demo-u2pl/eval.json --overwrite
 	$(PY) bench/compare_runs.py runs/demo-supervised/eval.json runs/demo-u2pl/eval.json
+	$(PY) -m semiseg_cli show -c runs/demo-supervised/best.pt -c runs/demo-u2pl/best.pt --out runs/demo-sheet.png --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

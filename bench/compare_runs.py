@@ -1,43 +1,36 @@
 """Compare `semiseg eval --json` reports side by side: mIoU and per-class IoU.
 
     python bench/compare_runs.py runs/a/eval.json runs/b/eval.json [--out compare.json]
+
+A thin wrapper around `semiseg compare` (semiseg_cli/compare.py), kept for the bench scripts:
+the same table, and `--out` writes the same JSON as `semiseg compare --json`, replacing the
+file if it exists (the bench scripts rerun into the same result file). Its "runs" list is what
+this script has always written, one {"label": "METHOD (RUN FOLDER)", **report} per input, which
+bench/seed_summary.py reads. Prefer `semiseg compare` (labels, --split, run folders).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from semiseg_cli.compare import run_compare
+from semiseg_cli.errors import UserError
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("reports", nargs="+", type=Path)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reports", nargs="+", type=Path, help="eval reports or run folders; the first is the baseline")
     ap.add_argument("--out", type=Path, help="also write the comparison as JSON")
     args = ap.parse_args()
-    reports = [json.loads(p.read_text()) for p in args.reports]
-    labels = [f"{r['method']} ({p.parent.name})" for r, p in zip(reports, args.reports)]
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.2f}"
-
-    table = Table(title="val mIoU side by side")
-    table.add_column("class")
-    for lab in labels:
-        table.add_column(lab, justify="right")
-    for name in reports[0]["per_class"]:
-        table.add_row(name, *[pct(r["per_class"][name]["IoU"]) for r in reports])
-    table.add_row("[bold]mIoU", *[f"[bold]{pct(r['mIoU'])}" for r in reports])
-    Console().print(table)
-    base = reports[0]["mIoU"]
-    for lab, r in zip(labels[1:], reports[1:]):
-        if base is not None and r["mIoU"] is not None:
-            Console().print(f"{lab}: {100 * (r['mIoU'] - base):+.2f} mIoU points over {labels[0]}")
-    if args.out:
-        args.out.write_text(json.dumps({"runs": [{"label": l, **r} for l, r in zip(labels, reports)]}, indent=2))
+    try:
+        run_compare(args.reports, json_out=args.out, overwrite=True, console=Console())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

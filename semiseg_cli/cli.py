@@ -119,6 +119,7 @@ def train_cmd(
     out: Annotated[Optional[Path], typer.Option(help="Run folder.", rich_help_panel="Runtime")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any field: section.key=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.", rich_help_panel="Runtime")] = False,
+    no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Write no TensorBoard event files (train.tensorboard = false); they go to RUN/tensorboard/ when the tensorboard package is installed.", rich_help_panel="Runtime")] = False,
     overwrite: Overwrite = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the shipped presets and exit.")] = False,
@@ -151,6 +152,7 @@ def train_cmd(
         "train.device": device if device else _UNSET,
         "train.seed": seed if seed is not None else _UNSET,
         "out": str(out) if out else _UNSET,
+        "train.tensorboard": False if no_tensorboard else _UNSET,
     }
     values = {k: v for k, v in shortcut.items() if v is not _UNSET}
     if dataset and not preset:
@@ -209,6 +211,34 @@ def eval_cmd(
         device=device, json_out=json_out, confusion_png=confusion_png, workers=workers,
         overwrite=overwrite, console=out_console, batch_size=batch_size, sets=list(set_ or []),
     )
+
+
+# ----------------------------------------------------------------------------- show
+@app.command("show", rich_help_panel="Train and evaluate")
+def show_cmd(
+    out: Annotated[Path, typer.Option(help="The contact sheet PNG to write.")],
+    checkpoints: Annotated[Optional[list[Path]], typer.Option("--checkpoint", "-c", help="A best.pt/last.pt written by `semiseg train`; repeat for each run to compare.")] = None,
+    samples: Annotated[int, typer.Option(help="Images (rows), chosen evenly over the sorted split; the same for every run.")] = 6,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split (val, test) or a split file (default: the first run's validation set).")] = None,
+    root: RootOpt = None,
+    labels: Annotated[Optional[str], typer.Option(help="Column names for the runs, comma-separated, one per -c (default: method (run folder)).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Draw the images at random with this seed instead of evenly spaced.")] = None,
+    scores: Annotated[bool, typer.Option("--scores/--no-scores", help="Caption each prediction with its image's mIoU and pixel accuracy.")] = True,
+    weights: WeightsOpt = "auto",
+    device: DeviceOpt = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a contact sheet PNG: image, ground truth, then each run's prediction, in the class palette with a legend.
+
+    Example: [cyan]semiseg show -c runs/demo-supervised/best.pt -c runs/demo-u2pl/best.pt --out sheet.png --samples 6[/]
+    """
+    from semiseg_cli.contact_sheet import write_contact_sheet
+
+    names = [s.strip() for s in labels.split(",")] if labels is not None else None
+    path = write_contact_sheet(list(checkpoints or []), out, samples=samples, split=split, root=root, labels=names,
+                               weights=weights, device=device, overwrite=overwrite, seed=seed, scores=scores,
+                               console=err_console)
+    out_console.print(f"contact sheet: {path}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- demo data
@@ -289,6 +319,26 @@ def export_cmd(
                         min_agreement=min_agreement, overwrite=overwrite, console=out_console)
     out_console.print(f"wrote {report.path} ({report.size_bytes / 2**20:.1f} MiB, {report.precision}, opset {report.opset}, "
                       f"{report.exporter} exporter, exported in {report.seconds:.1f} s)", highlight=False)
+
+
+# ----------------------------------------------------------------------------- compare
+@app.command("compare", rich_help_panel="Train and evaluate")
+def compare_cmd(
+    reports: Annotated[Optional[list[Path]], typer.Argument(metavar="RUN_OR_EVAL_JSON", help="Eval reports (`semiseg eval --json`) or run folders (their eval.json); the first is the baseline.", show_default=False)] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Column name, one per input in order (default: METHOD (RUN FOLDER)).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="In run folders, use the eval*.json whose split is this (default: eval.json).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the comparison as JSON (- for stdout; the table then goes to stderr).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Compare eval reports side by side: per-class IoU, mIoU, aAcc, mAcc and each run's gap to the first.
+
+    Example: [cyan]semiseg compare runs/supervised runs/u2pl --label sup --label u2pl --json compare.json[/]
+    """
+    from semiseg_cli.compare import run_compare
+
+    to_stdout = json_out is not None and str(json_out) == "-"
+    run_compare(list(reports or []), labels=list(label or []), split=split, json_out=json_out,
+                overwrite=overwrite, console=err_console if to_stdout else out_console)
 
 
 def main() -> None:

@@ -167,6 +167,9 @@ class TrainConfig(Section):
     val_interval: int = Field(500, ge=0)  # 0: validate only at the end
     ckpt_interval: int = Field(500, ge=1)
     deterministic: bool = False
+    # TensorBoard event files in RUN/tensorboard/ when the optional tensorboard package is
+    # installed (`train --no-tensorboard`: false); without the package nothing is written.
+    tensorboard: bool = True
 
 
 class EvalConfig(Section):
@@ -492,7 +495,7 @@ def config_from_dict(data: dict[str, Any]) -> Any:
 # how it is evaluated. Everything else (data, model, optimiser, method) must stay as it was.
 RESUME_MAY_CHANGE = (
     "out", "name", "train.iters", "train.device", "train.log_interval", "train.val_interval",
-    "train.ckpt_interval", "data.root", "data.workers", "eval.",
+    "train.ckpt_interval", "train.tensorboard", "data.root", "data.workers", "eval.",
 )
 
 

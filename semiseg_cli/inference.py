@@ -9,7 +9,7 @@ window): the report always records which was used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +114,11 @@ def evaluate(
     ignore_index: int = 255,
     amp: bool = False,
     progress: Any = None,
+    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
 ) -> SegMetrics:
-    """Confusion-matrix metrics over a loader (reduced across ranks under torchrun)."""
+    """Confusion-matrix metrics over a loader (reduced across ranks under torchrun).
+    `on_batch(batch, prediction)` sees each batch's argmax prediction (to keep a few for
+    pictures); it must only read them."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, device)
@@ -126,7 +129,10 @@ def evaluate(
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             probs = predict_probs(model, x, settings)
-        cm.update(probs.argmax(1), y)
+        pred = probs.argmax(1)
+        cm.update(pred, y)
+        if on_batch is not None:
+            on_batch(batch, pred)
         if progress is not None:
             progress()
     cm.reduce_from_all_processes()

@@ -3,8 +3,9 @@
 Per iteration: `grad_accum` micro-batches through `method.training_step`, one backward each,
 then every optimizer steps and `method.after_optimizer_step` runs. Around that: seeding,
 rank-sharded loaders, bf16 autocast on CUDA, DDP + SyncBN under torchrun, rich progress, a JSONL
-metrics log, periodic validation, atomic `last.pt`/`best.pt`, exact resume, and a stop with a
-message (and the last good checkpoint kept) when the loss stops being finite.
+metrics log (mirrored to TensorBoard when it is installed; `curves.png` drawn from it at the end),
+periodic validation, atomic `last.pt`/`best.pt`, exact resume, and a stop with a message (and the
+last good checkpoint kept) when the loss stops being finite.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from semiseg_cli.config import config_to_toml
 from semiseg_cli.engine import distributed
 from semiseg_cli.engine.device import resolve_device
 from semiseg_cli.engine.run_data import RunData, build_data
-from semiseg_cli.engine.run_folder import MetricLog, RunFolder
+from semiseg_cli.engine.run_folder import CURVES_PNG, TENSORBOARD_DIR, MetricLog, RunFolder
 from semiseg_cli.engine.setup import check_run_config
+from semiseg_cli.engine.tensorboard_log import TensorBoardLog
 from semiseg_cli.engine.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from semiseg_cli.engine.loaders import eval_loader, infinite_loader, to_device
+from semiseg_cli.curves import write_curves
 from semiseg_cli.errors import UserError, flush_warnings
 from semiseg_cli.inference import InferenceSettings, evaluate
 from semiseg_cli.io import write_text
 from semiseg_cli.methods import Method, get_method
 from semiseg_cli.methods.base import TrainContext
+from semiseg_cli.viz import display_palette
 
 
 class TrainingDiverged(UserError):
@@ -164,14 +168,18 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     specs = method.configure_optimizers(cfg.train.iters)
 
     folder = RunFolder(run_dir, resume, overwrite, main)
+    board = TensorBoardLog(run_dir / TENSORBOARD_DIR, cfg.train.tensorboard and main, method.class_names,
+                           display_palette(num_classes, data.layout.palette), cfg.data.mean, cfg.data.std)
     flush_warnings()  # every check passed: the questionable inputs are worth reading now
     distributed.barrier()
     try:
-        result = _run(cfg, method, specs, data, device, folder, console, progress and main)
+        result = _run(cfg, method, specs, data, device, folder, console, progress and main, board)
     except BaseException:
+        board.close()  # its files go too when the start failed
         folder.discard_failed_start()
         raise
     finally:
+        board.close()
         distributed.cleanup()  # under torchrun: the process group ends with the run
     result.main = main
     return result
@@ -192,6 +200,7 @@ class Run:
     settings: InferenceSettings
     amp: bool
     main: bool
+    board: TensorBoardLog
     best: float = -1.0
 
     @property
@@ -245,10 +254,12 @@ def validate(run: Run, step: int) -> dict[str, Any]:
     method = run.method
     distributed.broadcast_buffers(method)
     _check_finite(method, run.run_dir, step, run.cfg.optim.lr)
+    pictures = run.board.sampler()  # keeps a few of the pass's own predictions; draws no randomness
     with unwrapped(method):
         m = evaluate(method.inference_model(), run.val_batches, method.num_classes, run.settings, run.device,
-                     run.cfg.data.ignore_index, run.amp)
+                     run.cfg.data.ignore_index, run.amp, on_batch=pictures)
     run.log.write({"step": step, "val_mIoU": m.miou, "val_aAcc": m.aacc, "val_mAcc": m.macc})
+    run.board.validation(step, m, pictures)
     if run.main:
         run.console.print(f"step {step}: val mIoU {100 * m.miou:.2f}  aAcc {100 * m.aacc:.2f}", highlight=False)
     if m.miou > run.best:
@@ -257,26 +268,35 @@ def validate(run: Run, step: int) -> dict[str, Any]:
     return m.as_dict(method.class_names)
 
 
+def save_curves(run: Run) -> None:
+    """RUN/curves.png from metrics.jsonl (rank 0), for a look without TensorBoard."""
+    if run.main:
+        write_curves(run.run_dir / "metrics.jsonl", run.run_dir / CURVES_PNG)
+
+
 def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.device, folder: RunFolder,
-         console: Any, show: bool) -> TrainResult:
+         console: Any, show: bool, board: TensorBoardLog) -> TrainResult:
     main = distributed.is_main()
     total = cfg.train.iters
     start, best, resume_rng = resume_from_last(method, specs, folder.path) if folder.resume else (0, -1.0, None)
     other_params = wrap_for_ddp(method, cfg, device)
     if main:
         write_text(folder.path / "config.toml", config_to_toml(cfg))
+    board.open(start if folder.resume else None)  # a resumed run's events after `start` are purged
     pin = device.type == "cuda"
     run = Run(
         cfg, method, specs, folder, device, console,
         log=MetricLog(folder.path / "metrics.jsonl", start if folder.resume else None, main),
         val_batches=eval_loader(data.ds_val, cfg.eval.batch_size, cfg.data.workers, pin),
-        settings=InferenceSettings.from_config(cfg), amp=cfg.train.amp and device.type == "cuda", main=main, best=best,
+        settings=InferenceSettings.from_config(cfg), amp=cfg.train.amp and device.type == "cuda", main=main,
+        board=board, best=best,
     )
     if start >= total:
         if main:
             console.print(f"[yellow]{folder.path} already finished {start} of {total} iterations; nothing to train")
         # A finished run whose final validation failed (after last.pt was written) validates now.
         last_metrics = None if run.log.has_validation(start) else validate(run, start)
+        save_curves(run)
         return TrainResult(folder.path, start, run.best, last_metrics, method)
 
     accum = cfg.train.grad_accum
@@ -310,6 +330,7 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
             if done % cfg.train.log_interval == 0 or done == total:
                 rec = meter.record(done, specs, method)
                 run.log.write(rec)
+                run.board.scalars(rec)
                 info = f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['it_per_s']:.2f} it/s"
                 bar.update(task, info=info)
                 if plain:
@@ -329,6 +350,7 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
                 save_last(run, done)
                 distributed.barrier()
     distributed.barrier()
+    save_curves(run)
     method.model = distributed.unwrap(method.model)
     return TrainResult(folder.path, max(start, total), run.best, last_metrics, method)
 

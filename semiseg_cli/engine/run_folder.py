@@ -1,8 +1,10 @@
 """The run folder: created only once every check has passed, emptied again after a failed start,
 and its append-only metrics log.
 
-Files: `config.toml` (the resolved config), `metrics.jsonl`, `last.pt` (resumable) and `best.pt`
-(slim). Temporary files of a run killed mid-write are removed when the next run opens the folder.
+Files: `config.toml` (the resolved config), `metrics.jsonl`, `last.pt` (resumable), `best.pt`
+(slim), `curves.png` (drawn from metrics.jsonl at the end) and `tensorboard/` (event files, with
+the optional package). Temporary files of a run killed mid-write are removed when the next run
+opens the folder.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from semiseg_cli.engine.setup import check_run_dir
-from semiseg_cli.io import clean_stale_temps, write_text
+from semiseg_cli.io import clean_stale_temps, remove_entries, write_text
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.toml")
+TENSORBOARD_DIR = "tensorboard"
+CURVES_PNG = "curves.png"
+# What a run writes; --overwrite and a failed start remove these (and nothing else) from the folder.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.toml", CURVES_PNG, TENSORBOARD_DIR)
 
 
 class RunFolder:
@@ -32,16 +37,14 @@ class RunFolder:
         check_run_dir(path, resume, overwrite)
         self.created = not path.exists()
         if not resume and path.exists():
-            for name in RUN_FILES:
-                (path / name).unlink(missing_ok=True)
+            remove_entries(path, RUN_FILES)
         path.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(path)  # left by a run killed mid-write
 
     def discard_failed_start(self) -> None:
         if not self.main or self.resume or self.checkpointed:
             return
-        for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
+        remove_entries(self.path, RUN_FILES)
         clean_stale_temps(self.path)
         if self.created:
             try:

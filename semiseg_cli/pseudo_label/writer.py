@@ -52,11 +52,16 @@ def palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
 
 
 def overlay_colours(palette: Sequence[Sequence[int]]) -> "np.ndarray":
-    """(256, 3) float32 colour per label value for overlays (unused rows, 255 included, are 0)."""
+    """(256, 3) float32 colour per label value for overlays (unused rows, 255 included, are 0):
+    the display palette (`viz.display_palette`), so overlays stay legible where the dataset has
+    only the VOC index scheme (black and dark red for two classes); the label PNGs keep
+    `palette_bytes`, the dataset's own colours."""
     import numpy as np
 
+    from semiseg_cli.viz import display_palette
+
     colours = np.zeros((256, 3), np.float32)
-    colours[: len(palette)] = np.array(palette, np.float32)
+    colours[: len(palette)] = display_palette(len(palette), palette).astype(np.float32)
     return colours
 
 
