@@ -16,6 +16,10 @@ built from the same preset; the supervised one without the heads only other meth
 
 A method entry may be a labelled variant, `LABEL=METHOD+key=value+key=value`, e.g.
 `--methods dupl,plain=dupl+dupl.gmm=false+dupl.consistency=false`.
+The steps run with the config's speed switches as training would (engine/perf.py: channels_last,
+cudnn.benchmark, optim.impl, torch.compile; on CUDA the defaults turn the first three on), so
+`--set train.channels_last=false` and the like time the step without one; each row records them.
+bench/bench_flops.py times the switches one after another.
 Writes bench/results/train_step_<preset>_<device>.json (or --out).
 """
 
@@ -37,7 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from semiseg_cli.config import METHOD_NAMES, build_config  # noqa: E402
 from semiseg_cli.engine.device import resolve_device  # noqa: E402
 from semiseg_cli.methods import get_method  # noqa: E402
-from semiseg_cli.methods.base import TrainContext  # noqa: E402
+from semiseg_cli.engine.perf import (  # noqa: E402
+    CompiledNetworks, batch_to_channels_last, compile_targets, cudnn_benchmark, networks_to_channels_last, resolve_speed,
+)
+from semiseg_cli.methods.base import TrainContext, optimizer_impl  # noqa: E402
 
 SUPERVISED_OVERRIDES = ["model.rep_head=false"]
 
@@ -125,7 +132,11 @@ class Runner:
         bu = cfg.data.unlabeled_batch_size or bl
         self.method.setup(TrainContext(total_iters=max(step + 100, cfg.train.iters), labeled_size=1000, unlabeled_size=1000,
                                        labeled_batch=bl, unlabeled_batch=bu, device=device))
+        self.speed = resolve_speed(cfg.train, device)  # as the training loop applies them
+        if self.speed.channels_last:
+            networks_to_channels_last(self.method)
         self.specs = self.method.configure_optimizers(max(step + 100, cfg.train.iters))
+        self.compiled = CompiledNetworks(compile_targets(self.method)) if self.speed.compile else None
         crop = tuple(cfg.data.crop_size)
         self.lab = synthetic_batch(bl, crop, num_classes, device, 0)  # type: ignore[arg-type]
         if cls.uses_tags:
@@ -133,6 +144,8 @@ class Runner:
         self.unl = synthetic_batch(bu, crop, num_classes, device, 1) if cls.uses_unlabeled else None  # type: ignore[arg-type]
         if self.unl is not None and cls.unlabeled_partner:  # FixMatch/UniMatch: the second unlabeled stream
             self.unl["partner"] = synthetic_batch(bu, crop, num_classes, device, 2)  # type: ignore[arg-type]
+        if self.speed.channels_last:
+            self.lab, self.unl = batch_to_channels_last(self.lab), batch_to_channels_last(self.unl)
         self.images = bl + (bu if self.unl is not None else 0)
         self.device = device
         self.step = step
@@ -141,19 +154,24 @@ class Runner:
         self.cpu_times: list[float] = []  # process CPU time: less sensitive to other jobs on a shared machine
         self.method.train()
 
+    def switches(self) -> str:
+        """The speed switches this runner steps with, in words (recorded with each row)."""
+        return f"{self.speed.describe()}, optimizer {'/'.join(optimizer_impl(s.optimizer) for s in self.specs)}"
+
     def run(self, record: bool) -> None:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        for s in self.specs:
-            s.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            losses = self.method.training_step(self.lab, self.unl, self.step)
-        losses["loss"].backward()
-        for s in self.specs:
-            s.optimizer.step()
-        self.method.after_optimizer_step(self.step)
-        sync()
+        with cudnn_benchmark(self.speed.cudnn_benchmark):
+            for s in self.specs:
+                s.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                losses = self.method.training_step(self.lab, self.unl, self.step)
+            losses["loss"].backward()
+            for s in self.specs:
+                s.optimizer.step()
+            self.method.after_optimizer_step(self.step)
+            sync()
         if record:
             self.times.append(time.perf_counter() - t0)
             self.cpu_times.append(time.process_time() - c0)
@@ -161,6 +179,13 @@ class Runner:
 
 @torch.no_grad()
 def eval_throughput(runner: Runner, iters: int) -> float:
+    if runner.compiled is not None:  # as validation: eager networks
+        with runner.compiled.eager():
+            return _eval_throughput(runner, iters)
+    return _eval_throughput(runner, iters)
+
+
+def _eval_throughput(runner: Runner, iters: int) -> float:
     model = runner.method.inference_model().eval()
     x = runner.lab["image"]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
@@ -224,16 +249,20 @@ def main() -> None:
             "peak_mem_mib": round(peaks[r.name], 1) if r.name in peaks else None,
             "peak_mem_mib_per_image": round(peaks[r.name] / r.images, 1) if r.name in peaks else None,
             "eval_images_per_s": round(eval_throughput(r, max(2, args.steps // 2)), 2),
+            "speed_switches": r.switches(),
         })
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"train step, {args.preset} on {device} ({args.steps} timed steps each)")
-    for col in rows[0]:
+    cols = [c for c in rows[0] if c != "speed_switches"]
+    for col in cols:
         table.add_column(col, justify="right")
     for row in rows:
-        table.add_row(*[str(v) for v in row.values()])
+        table.add_row(*[str(row[c]) for c in cols])
     Console().print(table)
+    for row in rows:
+        print(f"{row['method']}: {row['speed_switches']}")
     out = args.out or Path(__file__).parent / "results" / f"train_step_{args.preset}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"preset": args.preset, "device": str(device), "torch": torch.__version__, "host": platform.node(),

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Everything this project measures on a CUDA GPU, in one bounded run (a lent GPU is short-lived):
+#   0. the speed switches (bench_flops.py): at the VOC presets of supervised, U2PL, UniMatch and
+#      AdvSemiSeg, the step time before and after each of channels_last, cudnn.benchmark and the
+#      fused optimizer (and torch.compile for U2PL), FLOPs per step, TFLOP/s and share of the peak,
+#      peak memory per image and the largest per-GPU U2PL batch for 80 GB;
 #   1. train-step time and peak memory per image (bench_train_step.py) at the CamVid presets and at
 #      the paper-size VOC presets (U2PL, AdvSemiSeg, DuPL ViT-B/16), pseudo-label throughput
 #      (bench_pseudo_label.py), and one torchrun (NCCL, DDP + SyncBN) smoke run on the GPU;
@@ -13,6 +17,8 @@
 #
 #   bash bench/gpu_session.sh                       # defaults: ../shared data and weights
 #   DEVICE=cpu ITERS=4 LONG_ITERS=0 QUICK=1 CAM_LIMIT=4 bash bench/gpu_session.sh   # dry run on a CPU
+#   SWITCHES_ONLY=1 DEADLINE=600 bash bench/gpu_session.sh   # section 0 only (a short GPU loan)
+#   SKIP_SWITCHES=1 bash bench/gpu_session.sh                # everything but section 0
 set -uo pipefail
 export COLUMNS=${COLUMNS:-160}
 cd "$(dirname "$0")/.."
@@ -36,6 +42,28 @@ left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
 log "device: $DEVICE"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+# ---------------------------------------------------------------- 0. speed switches and FLOPs
+# Each call is capped at its own limit and at what is left of DEADLINE; bench_flops.py rewrites
+# its JSON after every row, so a call stopped by its timeout keeps the rows it measured.
+upto() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+flops() {  # limit_s [bench_flops.py args...]
+  local t; t=$(upto "$1"); shift
+  if [ "$t" -lt 30 ]; then log "skip flops $* (${t}s left)"; return; fi
+  log "flops $* (${t}s)"; timeout "$t" $PY bench/bench_flops.py --device "$DEVICE" ${PEAK_TFLOPS:+--peak-tflops $PEAK_TFLOPS} "$@" 2>&1 | tail -n 32
+}
+if [ "${SKIP_SWITCHES:-0}" != 1 ]; then
+  if [ "$QUICK" = 1 ]; then
+    flops 120 --tiny --methods supervised,u2pl --out "$RES/flops_voc_${DEVICE}_tiny.json"
+  else
+    # 4 methods x 4 variants (plain, +channels_last, +cudnn.benchmark, +fused), then the U2PL memory fit.
+    flops 420 --steps 8 --warmup 2 --out "$RES/flops_voc_$DEVICE.json"
+    # torch.compile on top, U2PL only (compiling a ResNet-101 step takes minutes).
+    flops 300 --methods u2pl --variants plain,channels_last,cudnn_benchmark,fused,compile --steps 8 --warmup 3 \
+      --fit-batches "" --out "$RES/flops_voc_u2pl_compile_$DEVICE.json"
+  fi
+fi
+if [ "${SWITCHES_ONLY:-0}" = 1 ]; then log "finished (SWITCHES_ONLY)"; exit 0; fi
 
 # ---------------------------------------------------------------- 1. benches (GPU to themselves)
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

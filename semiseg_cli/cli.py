@@ -276,6 +276,8 @@ def pseudo_label_cmd(
     weights: WeightsOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-size images only).", rich_help_panel="Runtime")] = 4,
     workers: Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel="Runtime")] = 2,
+    writers: Annotated[Optional[int], typer.Option(help="Processes that encode and write the files (0: this process; default: half the cores, at most 8).", rich_help_panel="Runtime")] = None,
+    map_compression: Annotated[int, typer.Option(help="zlib level of the 16-bit confidence/entropy PNGs: 0 stores them (fastest; up to ~1.8x larger), 1 writes what earlier versions wrote.", rich_help_panel="Runtime")] = 0,
     device: DeviceOpt = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -291,7 +293,7 @@ def pseudo_label_cmd(
         min_confidence=min_confidence, drop_percent=drop_percent, fmt=fmt, mode=mode,
         scales=parse_floats(scales, "--scales"), flip=flip,
         crop_size=parse_size(crop_size, "--crop-size") if crop_size else None,
-        overlays=overlays, batch_size=batch_size, workers=workers,
+        overlays=overlays, batch_size=batch_size, workers=workers, writers=writers, map_compression=map_compression,
     )
     run_pseudo_label(checkpoint, split, out, root=root, settings=s, weights=weights, device=device,
                      overwrite=overwrite, console=out_console, progress_console=err_console)

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from semiseg_cli.errors import UserError
 
@@ -75,6 +75,17 @@ class DataConfig(Section):
     batch_size: int = Field(8, ge=1, le=4096)
     unlabeled_batch_size: int | None = Field(None, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=256)
+    # Loading speed; none of these changes a batch (docs/presets.md, "Data loading"). Pinned
+    # batches and non-blocking copies on CUDA devices; workers kept between validation passes and
+    # batches in flight per worker, both with workers > 0; decoded training images kept in memory
+    # ("auto": when they fit cache_ram_fraction of the free memory); JPEGs decoded at reduced size
+    # when data.resize < 1 (changes pixels by resampling noise, hence off by default).
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = Field(2, ge=1, le=64)
+    cache_decoded: Union[Literal["auto"], bool] = "auto"
+    cache_ram_fraction: float = Field(0.25, gt=0, le=0.9)
+    jpeg_draft: bool = False
     ignore_index: int = IGNORE_INDEX
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[PosFloat, PosFloat, PosFloat] = IMAGENET_STD
@@ -84,6 +95,13 @@ class DataConfig(Section):
     def _resize_positive(cls, v: float) -> float:
         if not 0 < v <= 4:
             raise ValueError("must be in (0, 4]")
+        return v
+
+    @field_validator("cache_decoded", mode="before")
+    @classmethod
+    def _cache_mode(cls, v: Any) -> Any:
+        if not (v == "auto" or isinstance(v, bool)):
+            raise ValueError('must be "auto", true or false')
         return v
 
     @field_validator("scale_range")
@@ -151,6 +169,10 @@ class OptimConfig(Section):
     betas: tuple[Unit, Unit] = (0.9, 0.999)
     poly_power: float = Field(0.9, ge=0, le=10)  # 0: constant LR; negative would raise it
     warmup_iters: int = Field(0, ge=0, le=MAX_ITERS)
+    # How torch computes the step (a speed switch, the same update up to float rounding): "auto"
+    # is fused kernels on CUDA where torch has them for the optimizer, foreach otherwise on CUDA,
+    # and the plain per-parameter loop on the CPU (torch's own CPU default). May change on --resume.
+    impl: Literal["auto", "fused", "foreach", "plain"] = "auto"
 
 
 class TrainConfig(Section):
@@ -170,6 +192,24 @@ class TrainConfig(Section):
     # TensorBoard event files in RUN/tensorboard/ when the optional tensorboard package is
     # installed (`train --no-tensorboard`: false); without the package nothing is written.
     tensorboard: bool = True
+    # Speed switches (engine/perf.py, docs/presets.md): none changes results beyond float
+    # rounding, except that compiled networks may draw dropout masks from inductor's own random
+    # numbers (the same distribution, other masks); each may change on --resume.
+    # channels_last: NHWC memory format for the networks and the input images ("auto": on CUDA). cudnn_benchmark: cuDNN picks its fastest
+    # kernels for the fixed training crop ("auto": on CUDA unless `deterministic`; validation,
+    # whose images vary in size, runs without it). compile: torch.compile the networks for the
+    # training steps (opt-in); where it fails, one warning line and the run goes on eagerly.
+    channels_last: Literal["auto", True, False] = "auto"
+    cudnn_benchmark: Literal["auto", True, False] = "auto"
+    compile: bool = False
+
+    @field_validator("cudnn_benchmark")
+    @classmethod
+    def _benchmark_is_not_deterministic(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is True and info.data.get("deterministic"):
+            raise ValueError("true contradicts train.deterministic = true (autotuned kernels are not "
+                             "deterministic); set one of them to false, or cudnn_benchmark = \"auto\"")
+        return v
 
 
 class EvalConfig(Section):
@@ -496,6 +536,10 @@ def config_from_dict(data: dict[str, Any]) -> Any:
 RESUME_MAY_CHANGE = (
     "out", "name", "train.iters", "train.device", "train.log_interval", "train.val_interval",
     "train.ckpt_interval", "train.tensorboard", "data.root", "data.workers", "eval.",
+    # Loader switches: the same batches (data.jpeg_draft changes pixels, so it is not here).
+    "data.pin_memory", "data.persistent_workers", "data.prefetch_factor", "data.cache_decoded", "data.cache_ram_fraction",
+    # The speed switches: the same run up to float rounding (a changed device changes more).
+    "train.channels_last", "train.cudnn_benchmark", "train.compile", "optim.impl",
 )
 
 
@@ -536,7 +580,7 @@ def resume_config(stored: dict[str, Any], overrides: list[str], requested: Any |
         shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
         raise UserError(
             f"--resume continues the run with its own config, but {shown} would change; drop those options "
-            "(a resumed run may only change train.iters, device, intervals, data.root/workers and eval settings) "
+            "(a resumed run may only change train.iters, device, intervals, data.root/workers, eval settings and the speed switches) "
             "or start a new run with --out elsewhere"
         )
     return cfg

@@ -94,15 +94,7 @@ def ckpt(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "best.pt"
 
 
-def test_kill_during_a_pseudo_label_dump_then_rerun_equals_an_uninterrupted_dump(ckpt: Path, tmp_path: Path) -> None:
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ["-c", str(ckpt), "--split", "train", "--workers", "0", "--batch-size", "2", "--drop-percent", "20"]
-    semiseg("pseudo-label", *args, "--out", str(full))
-    # Each image writes a label PNG, a confidence PNG and an entropy PNG: die in the 8th PNG (3rd image).
-    run_killed("PIL.Image:Image.save", 8, ["pseudo-label", *args, "--out", str(cut)])
-    assert temps(cut), "the kill should have left a temporary file behind"
-    semiseg("pseudo-label", *args, "--out", str(cut))
-    assert temps(cut) == []
+def assert_same_dump(full: Path, cut: Path) -> None:
     for sub in ("labels", "confidence", "entropy", "records"):
         fa = sorted(p.relative_to(full) for p in (full / sub).rglob("*") if p.is_file())
         fb = sorted(p.relative_to(cut) for p in (cut / sub).rglob("*") if p.is_file())
@@ -113,3 +105,72 @@ def test_kill_during_a_pseudo_label_dump_then_rerun_equals_an_uninterrupted_dump
         assert (full / name).read_bytes() == (cut / name).read_bytes(), name
     # split.txt points into the dump folder: the same lines, but for the folder's name.
     assert (full / "split.txt").read_text().replace("/full/", "/cut/") == (cut / "split.txt").read_text()
+
+
+def test_kill_during_a_pseudo_label_dump_then_rerun_equals_an_uninterrupted_dump(ckpt: Path, tmp_path: Path) -> None:
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    # --writers 0: the files are written in the process the patch below kills.
+    args = ["-c", str(ckpt), "--split", "train", "--workers", "0", "--writers", "0", "--batch-size", "2", "--drop-percent", "20"]
+    semiseg("pseudo-label", *args, "--out", str(full))
+    # Pillow writes each image's label PNG (the maps are stored PNGs written directly): die in the
+    # 3rd label, after the first two images are complete.
+    run_killed("PIL.Image:Image.save", 3, ["pseudo-label", *args, "--out", str(cut)])
+    assert temps(cut), "the kill should have left a temporary file behind"
+    semiseg("pseudo-label", *args, "--out", str(cut))
+    assert temps(cut) == []
+    assert_same_dump(full, cut)
+
+
+# Kills the parent right after its `n`-th job went to the writer processes (jobs in flight), after
+# writing the writers' pids to PIDS_FILE; then runs the semiseg CLI.
+CHILD_POOL = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from semiseg_cli.pseudo_label import pool
+    n, pids_file = int(sys.argv[1]), sys.argv[2]
+    real = pool.WriterPool.submit
+    calls = [0]
+
+    def dying(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            with open(pids_file, "w") as f:
+                json.dump(self.pids, f)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pool.WriterPool.submit = dying
+    from semiseg_cli.cli import app
+    app(sys.argv[3:], prog_name="semiseg")
+    """
+)
+
+
+def test_kill_of_a_pseudo_label_dump_with_writer_processes_leaves_none_behind_and_resumes(ckpt: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import time
+
+    full, cut, pids_file = tmp_path / "full", tmp_path / "cut", tmp_path / "pids.json"
+    args = ["-c", str(ckpt), "--split", "train", "--workers", "0", "--batch-size", "2", "--drop-percent", "20"]
+    semiseg("pseudo-label", *args, "--writers", "0", "--out", str(full))
+    p = subprocess.run([sys.executable, "-c", CHILD_POOL, "5", str(pids_file), "pseudo-label", *args, "--writers", "2", "--out", str(cut)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
+    pids = json.loads(pids_file.read_text())
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+    deadline = time.monotonic() + 30  # orphaned writers finish what they hold, then exit by themselves
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids), "writer processes outlived their parent"
+    semiseg("pseudo-label", *args, "--writers", "2", "--out", str(cut))
+    assert temps(cut) == []
+    assert_same_dump(full, cut)

@@ -1,5 +1,8 @@
 """`semiseg pseudo-label`: the pure tensor functions by hand, then the command end to end on a
-tiny checkpoint (files, formats, value ranges, manifest, resume, overwrite and error rules)."""
+tiny checkpoint (files, formats, value ranges, manifest, resume, overwrite and error rules), then
+the device-side outputs against the host pipeline they replace and a numpy reference, the writer
+pool (bounds, errors, dead workers), the same bytes for any number of writers, and the writer
+bench at a tiny size."""
 
 from __future__ import annotations
 
@@ -403,3 +406,321 @@ def test_the_ema_teacher_is_used_when_the_checkpoint_has_one(demo_root: Path, sp
     assert metas["student"]["weights"] == "student" and metas["student"]["weights_sha256"] == weights_digest(student)
     code, output = invoke("pseudo-label", "-c", ck, "--split", split_file, "--out", tmp_path / "x", "--weights", "bogus")
     assert code != 0 and "--weights" in error_line(output)
+
+
+# ----------------------------------------------------------------------------- device-side outputs
+
+
+def smooth_probs(b: int, c: int, h: int, w: int, scale: float, seed: int) -> torch.Tensor:
+    """Probabilities like a network's: random logits at 1/4 resolution, upsampled bilinearly."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, c, max(1, h // 4), max(1, w // 4), generator=g) * scale
+    return torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+
+
+def host_pipeline(probs: torch.Tensor, c: int, fmt: str, min_conf: float | None, drop: float | None,
+                  encoding: np.ndarray, rgb: np.ndarray, colours: np.ndarray) -> dict[str, np.ndarray]:
+    """What earlier versions computed: thresholds on the device, then the int32 maps cast to
+    uint16, the stored encoding and the overlay with numpy on the host."""
+    from semiseg_cli.pseudo_label.writer import overlay
+
+    conf, label = probs.max(1)
+    ent = normalised_entropy(probs)
+    keep = reliable_mask(conf, ent, min_conf, drop)
+    lab = torch.where(keep, label, torch.full_like(label, 255)).to(torch.uint8).numpy()
+    if fmt == "png":
+        cq = (conf * U16).round_().to(torch.int32).numpy().astype(np.uint16)
+        eq = (ent * U16).round_().to(torch.int32).numpy().astype(np.uint16)
+    else:
+        cq, eq = conf.half().numpy(), ent.half().numpy()
+    ov = np.stack([overlay(rgb[b], lab[b], colours) for b in range(len(lab))])
+    return {"label": lab, "confidence": cq, "entropy": eq, "train_label": encoding[lab], "overlay": ov}
+
+
+@pytest.mark.parametrize("fmt,min_conf,drop", [("png", None, None), ("png", None, 20.0), ("png", 0.6, 35.0), ("npz", 0.5, None)])
+def test_device_outputs_equal_the_host_pipeline_and_a_numpy_reference(fmt: str, min_conf: float | None, drop: float | None) -> None:
+    from semiseg_cli.pseudo_label.quantise import host_arrays, pixel_outputs, to_host
+    from semiseg_cli.pseudo_label.writer import overlay_colours
+
+    b, c, h, w = 3, 7, 19, 26
+    probs = smooth_probs(b, c, h, w, 3.0, seed=1)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+    colours = overlay_colours([tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(c)])
+    encoding = np.full(256, 255, np.uint8)
+    encoding[:c] = rng.permutation(200)[:c].astype(np.uint8)
+    arrays, counts = pixel_outputs(probs, c, fmt, min_conf, drop, encoding=torch.from_numpy(encoding),
+                                   rgb=torch.from_numpy(rgb), colours=torch.from_numpy(colours))
+    host, event = to_host(arrays)
+    assert event is None
+    got = host_arrays(host)
+    want = host_pipeline(probs, c, fmt, min_conf, drop, encoding, rgb, colours)
+    assert set(got) == set(want)
+    for k in want:  # bit for bit what was written before
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    # An independent float64 numpy reference: equal up to float32 rounding.
+    p = probs.double().numpy()
+    conf_r, label_r = p.max(1), p.argmax(1)
+    ent_r = np.clip(-(p * np.log(p + 1e-10)).sum(1) / np.log(c), 0, 1)
+    keep_r = np.ones_like(conf_r, bool) if min_conf is None else conf_r >= min_conf
+    near = np.zeros_like(keep_r)
+    if min_conf is not None:
+        near |= np.abs(conf_r - min_conf) < 1e-5
+    if drop:
+        n = h * w
+        n_drop = round(n * drop / 100)
+        for i in range(b):
+            thresh = np.sort(ent_r[i].ravel())[n - n_drop - 1]
+            keep_r[i] &= ent_r[i] <= thresh
+            near[i] |= np.abs(ent_r[i] - thresh) < 1e-5
+    lab = got["label"]
+    assert np.array_equal(lab != 255, keep_r) or np.array_equal((lab != 255)[~near], keep_r[~near])
+    assert np.array_equal(lab[keep_r & ~near], label_r[keep_r & ~near])
+    if fmt == "png":
+        assert np.abs(got["confidence"].astype(int) - np.round(conf_r * U16)).max() <= 1
+        assert np.abs(got["entropy"].astype(int) - np.round(ent_r * U16)).max() <= 1
+    else:
+        assert np.abs(got["confidence"].astype(np.float64) - conf_r).max() < 1e-3
+    assert counts["hist"].sum() == b * h * w
+    assert counts["reliable_hist"].sum().item() == int((lab != 255).sum())
+
+
+def test_maps_are_clamped_before_the_16_bit_cast() -> None:
+    from semiseg_cli.pseudo_label.quantise import quantise_u16
+
+    x = torch.tensor([0.0, 0.5, 1.0, 1.00001, -1e-6])
+    assert quantise_u16(x).numpy().view(np.uint16).tolist() == [0, 32768, 65535, 65535, 0]
+
+
+def test_counts_without_a_host_sync_equal_bincount() -> None:
+    from semiseg_cli.pseudo_label.stats import _bincount
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (5000,), generator=g)
+    wts = torch.rand(5000, generator=g, dtype=torch.float64)
+    # The CUDA formula, run on the CPU: index_add_ into zeros.
+    assert torch.equal(torch.zeros(60, dtype=torch.long).index_add_(0, idx, torch.ones_like(idx)), torch.bincount(idx, minlength=60))
+    assert torch.allclose(torch.zeros(60, dtype=torch.float64).index_add_(0, idx, wts), torch.bincount(idx, wts, minlength=60))
+    assert torch.equal(_bincount(idx, 60), torch.bincount(idx, minlength=60))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_outputs_on_cuda_match_the_cpu() -> None:
+    from semiseg_cli.pseudo_label.quantise import host_arrays, pixel_outputs, to_host
+
+    probs = smooth_probs(4, 19, 64, 96, 4.0, seed=2)
+    gt = torch.randint(0, 19, (4, 64, 96))
+    cpu_a, cpu_c = pixel_outputs(probs, 19, "png", 0.5, 20.0, gt=gt)
+    gpu_a, gpu_c = pixel_outputs(probs.cuda(), 19, "png", 0.5, 20.0, gt=gt.cuda())
+    host, event = to_host({**gpu_a, **{"c." + k: v for k, v in gpu_c.items()}})
+    event.synchronize()
+    got, want = host_arrays(host), host_arrays(cpu_a)
+    assert (got["label"] == want["label"]).mean() > 0.999
+    assert np.abs(got["confidence"].astype(int) - want["confidence"].astype(int)).max() <= 1
+    assert np.abs(got["entropy"].astype(int) - want["entropy"].astype(int)).max() <= 1
+    for k in ("hist", "gt_hist"):
+        assert torch.equal(host["c." + k], cpu_c[k]), k
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def test_stored_16_bit_pngs_decode_to_the_values_written(tmp_path: Path) -> None:
+    from semiseg_cli.pseudo_label.writer import _save_map_png
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (3, 5), (17, 64)):
+        a = rng.integers(0, 65536, shape, dtype=np.uint16)
+        a.flat[0] = 65535
+        for level in (0, 1, 6):
+            p = tmp_path / f"m{level}.png"
+            _save_map_png(p, a, level)
+            im = Image.open(p)
+            assert im.mode == "I;16" and im.size == (shape[1], shape[0])
+            assert np.array_equal(np.array(im), a), (shape, level)
+
+
+def _copy_job(pool: object, i: int, path: Path, **meta: object) -> dict[str, np.ndarray]:
+    arrays = {"a": np.full((5, 7 + i), i, np.uint16), "b": np.arange(i + 3, dtype=np.uint8)}
+
+    def fill(views: dict[str, np.ndarray]) -> None:
+        for k, a in arrays.items():
+            np.copyto(views[k], a)
+
+    pool.submit(i, {"path": str(path), **meta}, [(k, a.dtype, a.shape) for k, a in arrays.items()], fill, label=f"job {i}")  # type: ignore[attr-defined]
+    return arrays
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_writer_pool_bounds_the_jobs_in_flight(tmp_path: Path, shared: bool) -> None:
+    import pl_pool_tasks
+
+    from semiseg_cli.pseudo_label.pool import WriterPool
+
+    pool = WriterPool(pl_pool_tasks.copy, None, workers=2, depth=2, shared=shared)
+    try:
+        seen, expected = [], {}
+        for i in range(12):
+            arrays = _copy_job(pool, i, tmp_path / f"{i}.bin", sleep=0.05)
+            expected[i] = b"".join(arrays[k].tobytes() for k in sorted(arrays))
+            seen.append(pool.in_flight)
+        pool.close()
+    finally:
+        pool.terminate()
+    assert pool.bound == 4 and max(seen) <= 4 and pool.peak_in_flight <= 4
+    assert pool.wait_s > 0.05  # submit blocked while both workers held two jobs
+    assert sorted(pool.completed) == list(range(12))  # type: ignore[type-var]
+    for i, data in expected.items():
+        assert (tmp_path / f"{i}.bin").read_bytes() == data
+
+
+def test_a_writer_exception_is_one_line_and_the_other_jobs_finish(tmp_path: Path) -> None:
+    import pl_pool_tasks
+
+    from semiseg_cli.pseudo_label.pool import PoolError, WriterPool
+
+    pool = WriterPool(pl_pool_tasks.copy, None, workers=2, depth=2)
+    try:
+        with pytest.raises(PoolError) as err:
+            for i in range(30):
+                _copy_job(pool, i, tmp_path / f"{i}.bin", sleep=0.02, fail=i == 3)
+            pool.close()
+        with pytest.raises(PoolError):  # later calls keep failing, without hanging
+            pool.close()
+    finally:
+        pool.terminate()
+    msg = str(err.value)
+    assert "\n" not in msg and "job 3" in msg and "RuntimeError: injected failure" in msg
+    assert 3 not in pool.completed and {0, 1, 2} <= set(pool.completed)
+    done = {int(p.stem) for p in tmp_path.glob("*.bin")}
+    assert done == set(pool.completed) and len(done) < 30  # stopped taking jobs after the error
+
+
+def test_a_writer_process_that_dies_is_reported_not_waited_for(tmp_path: Path) -> None:
+    import pl_pool_tasks
+
+    from semiseg_cli.pseudo_label.pool import PoolError, WriterPool
+
+    pool = WriterPool(pl_pool_tasks.copy, None, workers=1, depth=2)
+    try:
+        _copy_job(pool, 0, tmp_path / "0.bin")
+        _copy_job(pool, 1, tmp_path / "1.bin", die=True)
+        with pytest.raises(PoolError, match="killed by signal 9.* while writing job 1"):
+            pool.drain()
+    finally:
+        pool.terminate()
+    assert pool.completed == [0] and pool.dead_pids == pool.pids
+
+
+def test_a_writer_killed_mid_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    import pl_pool_tasks
+
+    from semiseg_cli.io import TMP_MARK
+    from semiseg_cli.pseudo_label.pool import PoolError, WriterPool
+    from semiseg_cli.pseudo_label.writer import Writer
+
+    w = Writer(tmp_path, "png", [(0, 0, 0)], writers=1)
+    w.pool.terminate()  # type: ignore[union-attr]
+    w.pool = WriterPool(pl_pool_tasks.die_mid_write, w.ctx, 1)
+    w.submit(0, "x", {"files": {}}, {"label": np.zeros((2, 2), np.uint8)})
+    with pytest.raises(PoolError, match="killed by signal 9"):
+        w.close()
+    assert (tmp_path / "labels").is_dir() and not list(tmp_path.rglob(f"*{TMP_MARK}*"))
+    assert w.records == {}
+
+
+def test_writer_processes_do_not_import_torch(tmp_path: Path) -> None:
+    import pl_pool_tasks
+
+    from semiseg_cli.pseudo_label.pool import WriterPool
+
+    pool = WriterPool(pl_pool_tasks.modules, None, workers=1)
+    try:
+        pool.submit(0, {"path": str(tmp_path / "m.json")}, [], lambda v: None)
+        pool.close()
+    finally:
+        pool.terminate()
+    mods = json.loads((tmp_path / "m.json").read_text())
+    assert "numpy" in mods and not [m for m in mods if m.startswith("torch")], mods
+
+
+def dump_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in ("meta.json", "split.txt")}
+
+
+def test_any_number_of_writers_writes_the_same_bytes(ckpt: Path, split_file: Path, tmp_path: Path) -> None:
+    base = ("pseudo-label", "-c", ckpt, "--split", split_file, "--workers", 0, "--overlays", "--drop-percent", 20, "--batch-size", 4)
+    dumps = {}
+    for n in (0, 1, 2):
+        out = tmp_path / f"w{n}"
+        code, output = invoke(*base, "--out", out, "--writers", n)
+        assert code == 0, output
+        dumps[n] = dump_bytes(out)
+        assert (out / "split.txt").read_text() == (tmp_path / "w0" / "split.txt").read_text().replace("/w0/", f"/w{n}/")
+    assert dumps[0] == dumps[1] == dumps[2]
+    assert len([k for k in dumps[0] if k.startswith("records/")]) == 6
+    # --map-compression 1 (Pillow, the files of earlier versions): other map bytes, same pixels,
+    # every other file the same.
+    out = tmp_path / "l1"
+    assert invoke(*base, "--out", out, "--writers", 2, "--map-compression", 1)[0] == 0
+    l1 = dump_bytes(out)
+    assert l1.keys() == dumps[0].keys()
+    for k, data in l1.items():
+        if k.startswith(("confidence/", "entropy/")):
+            assert data != dumps[0][k]
+            assert np.array_equal(np.array(Image.open(out / k)), np.array(Image.open(tmp_path / "w0" / k)))
+        else:
+            assert data == dumps[0][k], k
+
+
+@pytest.mark.parametrize("writers", [0, 2])
+def test_a_write_error_mid_run_is_one_line_and_keeps_the_finished_images(ckpt: Path, split_file: Path, tmp_path: Path, writers: int) -> None:
+    from semiseg_cli.io import TMP_MARK
+
+    out = tmp_path / "pl"
+    args = ("pseudo-label", "-c", ckpt, "--split", split_file, "--out", out, "--workers", 0, "--writers", writers, "--batch-size", 2)
+    assert invoke(*args)[0] == 0
+    stem = "images/train/train_0003"
+    for sub in ("labels", "entropy"):
+        (out / sub / f"{stem}.png").unlink()
+    (out / "records" / f"{stem}.json").unlink()
+    (out / "entropy" / f"{stem}.png").mkdir()  # a folder where a file goes: the rename fails in the writer
+    code, output = invoke(*args)
+    assert code != 0
+    line = error_line(output)
+    assert f"entropy/{stem}.png" in line and "folder" in line
+    manifest = [json.loads(x)["image"] for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 5 and f"{stem}.png" not in manifest
+    assert not list(out.rglob(f"*{TMP_MARK}*"))
+    (out / "entropy" / f"{stem}.png").rmdir()
+    code, output = invoke(*args)
+    assert code == 0 and "1 images labelled, 5 already done" in " ".join(output.split())
+
+
+def test_writer_options_are_checked() -> None:
+    code, output = invoke("pseudo-label", "-c", "x.pt", "--split", "val", "--out", "o", "--writers", -1)
+    assert code != 0 and "--writers" in error_line(output)
+    code, output = invoke("pseudo-label", "-c", "x.pt", "--split", "val", "--out", "o", "--map-compression", 10)
+    assert code != 0 and "--map-compression" in error_line(output)
+
+
+def test_the_writer_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    dest = tmp_path / "plw.json"
+    r = subprocess.run([sys.executable, str(repo / "bench/bench_pl_writers.py"), "--tiny", "--threads", "1", "--work", str(tmp_path / "w"),
+                        "--out", str(dest)], cwd=repo, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(dest.read_text())
+    assert {row["writers"] for row in res["writer_stage"]} >= {0, 1}
+    assert all(row["images_per_s"] > 0 and row["bytes_per_image"] > 0 for row in res["writer_stage"])
+    for s in res["writers_needed"]:
+        assert s["per_worker_images_per_s"] > 0 and set(s["workers_needed"]) == set(res["targets_images_per_s"])
+    e2e = res["end_to_end"]
+    writers = {v["writers"] for v in e2e["variants"]}
+    assert e2e["pure_inference_s"] > 0 and 0 in writers and max(writers) >= 1
+    assert all(v["images"] == e2e["images"] and v["ratio"] > 0 for v in e2e["variants"])
+    assert "writers needed" in r.stdout and "pure inference" in r.stdout

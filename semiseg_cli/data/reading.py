@@ -82,3 +82,46 @@ def _thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
         return list(ex.map(fn, items, chunksize=16))
+
+
+# ----------------------------------------------------------------------------- training reads
+
+
+def scaled_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """(width, height) of an image of `size` scaled by `factor` (data.resize), at least 1x1."""
+    w, h = size
+    return max(1, round(w * factor)), max(1, round(h * factor))
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+def read_rgb_scaled(path: Path, factor: float) -> tuple[Image.Image, tuple[int, int], bool]:
+    """The image at `path` as RGB at `scaled_size(stored size, factor)`, a JPEG decoded at reduced
+    size first (Pillow's draft mode: libjpeg's DCT scaling to 1/2, 1/4 or 1/8) when that size is
+    still at least the target; returns (image, stored size, whether the draft reduced the decode).
+
+    Only for `factor < 1` (a downscale the caller makes anyway): the target size is the one a full
+    decode followed by the same bilinear resize gives, and the pixels differ from it by resampling
+    noise only (the DCT-domain reduction averages 2x2 to 8x8 blocks before the bilinear step).
+    Errors are one-line `UserError`s naming the file, as `Layout.read_image`'s."""
+    from semiseg_cli.errors import UserError
+
+    if not 0 < factor < 1:
+        raise ValueError(f"read_rgb_scaled is for downscaling (factor {factor} must be in (0, 1))")
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist; check the dataset root and split file")
+    try:
+        with Image.open(path) as im:
+            stored = im.size
+            target = scaled_size(stored, factor)
+            box = None
+            if im.format == "JPEG":
+                # Never below `target`: the scale s <= side // target keeps ceil(side / s) >= target.
+                drafted = im.draft("RGB", target)
+                if drafted is not None and im.size != stored:
+                    box = drafted[1]  # the stored extent in reduced pixels (side / s, not rounded up)
+            image = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return image.resize(target, Image.BILINEAR, box=box), stored, box is not None

@@ -27,9 +27,16 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def to_tensor(image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """HxWx3 uint8 -> normalised 3xHxW float."""
+    """HxWx3 uint8 -> normalised 3xHxW float (contiguous).
+
+    The bytes are put in channel order first (one uint8 copy, which also takes care of a flipped
+    view), so that the float work runs over contiguous memory: several times faster than on the
+    channels-last view, and the same values, since every step is one rounded operation per
+    element ((x / 255 - mean) / std, in place)."""
     arr = np.asarray(image, dtype=np.uint8)
-    return normalize(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), mean, std)
+    x = torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C")).float().div_(255.0)
+    m, s = _mean_std(x, mean, std)
+    return x.sub_(m).div_(s)
 
 
 def mask_to_tensor(mask: np.ndarray | None) -> torch.Tensor | None:

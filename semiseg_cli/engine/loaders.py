@@ -5,12 +5,16 @@ sees the same crops and flips whatever the number of workers, and a resumed run 
 stream at the exact micro-batch where it stopped. Under torchrun each rank takes a disjoint
 shard of every epoch's permutation (what DistributedSampler does), so ranks never see the same
 image in the same step.
+
+How fast batches come (`LoaderSettings`, from `data.pin_memory`, `data.persistent_workers`,
+`data.prefetch_factor`) never changes what they hold: the sampler fixes every batch's images and
+seeds before any worker sees them, and torch returns batches in sampler order.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -85,15 +89,55 @@ class InfiniteBatchSampler(Sampler[list[tuple[int, int]]]):
         return 2**62
 
 
-def infinite_loader(dataset: Dataset, batch: int, workers: int, seed: int, stream: int, start: int, pin: bool) -> Iterator[dict[str, Any]]:
+class LoaderSettings(NamedTuple):
+    """How the DataLoaders run (speed only): `pin` page-locked batches (CUDA only), `persistent`
+    workers kept between evaluation passes, `prefetch` batches in flight per worker."""
+
+    pin: bool = False
+    persistent: bool = True
+    prefetch: int = 2
+
+    @staticmethod
+    def of(pin: "bool | LoaderSettings") -> "LoaderSettings":
+        """Settings from either these settings or a bare `pin` flag (callers that only pin)."""
+        return pin if isinstance(pin, LoaderSettings) else LoaderSettings(pin=bool(pin))
+
+
+def loader_settings(data_cfg: Any, device: torch.device) -> LoaderSettings:
+    """The loader switches of a `DataConfig` on `device`: pinned memory only where a CUDA copy
+    follows (on a CPU there is nothing to pin for)."""
+    return LoaderSettings(
+        pin=bool(data_cfg.pin_memory) and device.type == "cuda",
+        persistent=bool(data_cfg.persistent_workers),
+        prefetch=int(data_cfg.prefetch_factor),
+    )
+
+
+def _fill_before_fork(dataset: Any, workers: int) -> None:
+    """Fill the dataset's decoded cache (`data.cache_decoded`) in this process before workers
+    start, so that they all read the same pages; without workers it fills as it reads."""
+    fill = getattr(dataset, "fill_cache", None)
+    if workers > 0 and fill is not None:
+        fill()
+
+
+def infinite_loader(
+    dataset: Dataset, batch: int, workers: int, seed: int, stream: int, start: int, pin: bool | LoaderSettings
+) -> Iterator[dict[str, Any]]:
+    """Endless training batches from micro-batch `start` (`InfiniteBatchSampler`). One iterator
+    for the whole run: its workers live until it is dropped (`persistent` has nothing to keep),
+    and it is created here, before the caller restores a resumed run's RNG state, so the one
+    number a DataLoader iterator draws from torch's generator is drawn from the fresh state."""
+    opts = LoaderSettings.of(pin)
+    _fill_before_fork(dataset, workers)
     sampler = InfiniteBatchSampler(len(dataset), batch, seed, stream, start)  # type: ignore[arg-type]
     loader = DataLoader(
         SeededDataset(dataset),
         batch_sampler=sampler,
         num_workers=workers,
-        pin_memory=pin,
+        pin_memory=opts.pin,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=opts.prefetch if workers > 0 else None,
     )
     return iter(loader)
 
@@ -177,18 +221,60 @@ class SizeBatchedEval(Sampler[list[int]]):
         return len(self.batches)
 
 
+class PersistentPasses:
+    """Passes over a DataLoader whose workers stay alive between passes.
+
+    A fresh DataLoader iterator draws one number from torch's global generator (its workers'
+    base seed); a persistent loader's later passes reuse the first iterator and draw nothing.
+    Training validates from inside the RNG stream that checkpoints store, so a resumed run (a new
+    loader, whose first pass draws) would leave that stream elsewhere than the uninterrupted run.
+    Each pass therefore makes the same draw a fresh iterator makes, and the loader itself seeds
+    its workers from a generator of its own (evaluation reads no random numbers)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        torch.empty((), dtype=torch.int64).random_()  # what `_BaseDataLoaderIter.__init__` draws
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
 def eval_loader(
-    dataset: Dataset, batch: int, workers: int, pin: bool, sizes: Sequence[tuple[int, int]] | None = None
-) -> DataLoader:
+    dataset: Dataset, batch: int, workers: int, pin: bool | LoaderSettings, sizes: Sequence[tuple[int, int]] | None = None
+) -> DataLoader | PersistentPasses:
     """Evaluation batches of same-size images, sharded across ranks. `sizes` (width, height per
-    index) defaults to the headers of the dataset's images (read now: a bad file fails here)."""
+    index) defaults to the headers of the dataset's images (read now: a bad file fails here).
+    `pin` is a bare flag (one pass, e.g. `semiseg eval`) or the run's `LoaderSettings`, whose
+    `persistent` keeps the workers between the validation passes of a training run."""
+    opts = pin if isinstance(pin, LoaderSettings) else LoaderSettings(pin=bool(pin), persistent=False)
     if sizes is None:
         sizes = dataset_sizes(dataset)
     if len(sizes) != len(dataset):  # type: ignore[arg-type]
         raise ValueError(f"{len(sizes)} sizes for {len(dataset)} images")  # type: ignore[arg-type]
     sampler = SizeBatchedEval(sizes, batch)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
+    _fill_before_fork(dataset, workers)
+    persistent = opts.persistent and workers > 0
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=opts.pin,
+        persistent_workers=persistent, prefetch_factor=opts.prefetch if workers > 0 else None,
+        generator=torch.Generator() if persistent else None,
+    )
+    return PersistentPasses(loader) if persistent else loader
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device`; copies from pinned memory (`data.pin_memory`) are
+    non-blocking, so the next batch's host work overlaps the copy."""
+    cuda = device.type == "cuda"
+    return {
+        k: v.to(device, non_blocking=cuda and v.is_pinned()) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }

@@ -5,17 +5,19 @@ then every optimizer steps and `method.after_optimizer_step` runs. Around that: 
 rank-sharded loaders, bf16 autocast on CUDA, DDP + SyncBN under torchrun, rich progress, a JSONL
 metrics log (mirrored to TensorBoard when it is installed; `curves.png` drawn from it at the end),
 periodic validation, atomic `last.pt`/`best.pt`, exact resume, and a stop with a message (and the
-last good checkpoint kept) when the loss stops being finite.
+last good checkpoint kept) when the loss stops being finite. The speed switches (channels_last,
+cudnn.benchmark, torch.compile; engine/perf.py) change how the steps run, not what they compute.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -30,6 +32,10 @@ from semiseg_cli.engine.setup import check_run_config
 from semiseg_cli.engine.tensorboard_log import TensorBoardLog
 from semiseg_cli.engine.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from semiseg_cli.engine.loaders import eval_loader, infinite_loader, to_device
+from semiseg_cli.engine.perf import (
+    CompiledNetworks, SpeedSettings, adopt_optimizer_impl, batch_to_channels_last, compile_targets, cudnn_benchmark,
+    match_state_layout, networks_to_channels_last, resolve_speed,
+)
 from semiseg_cli.curves import write_curves
 from semiseg_cli.errors import UserError, flush_warnings
 from semiseg_cli.inference import InferenceSettings, evaluate
@@ -165,7 +171,11 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     method_cls.check_schedule(cfg, ctx)  # e.g. a warm-up as long as the run
     method = method_cls(cfg, num_classes, list(data.layout.class_names)).to(device)  # loads pretrained weights
     method.setup(ctx)
+    speed = resolve_speed(cfg.train, device)
+    if speed.channels_last:  # before the optimizers, DDP and any state loaded into the networks
+        networks_to_channels_last(method)
     specs = method.configure_optimizers(cfg.train.iters)
+    compiled = CompiledNetworks(compile_targets(method)) if speed.compile else None  # lazy: compiles at the first step
 
     folder = RunFolder(run_dir, resume, overwrite, main)
     board = TensorBoardLog(run_dir / TENSORBOARD_DIR, cfg.train.tensorboard and main, method.class_names,
@@ -173,13 +183,16 @@ def train(cfg: Any, resume: bool = False, overwrite: bool = False, console: Any 
     flush_warnings()  # every check passed: the questionable inputs are worth reading now
     distributed.barrier()
     try:
-        result = _run(cfg, method, specs, data, device, folder, console, progress and main, board)
+        with cudnn_benchmark(speed.cudnn_benchmark):
+            result = _run(cfg, method, specs, data, device, folder, console, progress and main, board, speed, compiled)
     except BaseException:
         board.close()  # its files go too when the start failed
         folder.discard_failed_start()
         raise
     finally:
         board.close()
+        if compiled is not None:
+            compiled.release()  # the method returned (and any later use of it) runs eagerly
         distributed.cleanup()  # under torchrun: the process group ends with the run
     result.main = main
     return result
@@ -202,6 +215,8 @@ class Run:
     main: bool
     board: TensorBoardLog
     best: float = -1.0
+    speed: SpeedSettings = SpeedSettings(False, False, False)
+    compiled: CompiledNetworks | None = None  # train.compile: the compiled networks while it works
 
     @property
     def run_dir(self) -> Path:
@@ -215,7 +230,9 @@ def resume_from_last(method: Method, specs: list, run_dir: Path) -> tuple[int, f
         raise UserError(f"{run_dir / 'last.pt'} holds no training state; it cannot be resumed")
     method.load_state_dict(ckpt["method_state"])
     for spec, st in zip(specs, ckpt["optimizers"]):
-        spec.optimizer.load_state_dict(st)
+        # This run's optim.impl and memory format, not the saved run's (both may change on resume).
+        spec.optimizer.load_state_dict(adopt_optimizer_impl(st, spec.optimizer))
+        match_state_layout(spec.optimizer)
     best = float(ckpt["best_miou"])
     if (run_dir / "best.pt").is_file():  # written after last.pt at the final validation
         best = max(best, float(load_checkpoint(run_dir / "best.pt", mmap=True, verify=False).get("best_miou", -1.0)))
@@ -255,7 +272,8 @@ def validate(run: Run, step: int) -> dict[str, Any]:
     distributed.broadcast_buffers(method)
     _check_finite(method, run.run_dir, step, run.cfg.optim.lr)
     pictures = run.board.sampler()  # keeps a few of the pass's own predictions; draws no randomness
-    with unwrapped(method):
+    # Images of many sizes: no per-shape autotuning or compiling, eager networks.
+    with unwrapped(method), cudnn_benchmark(False), (run.compiled.eager() if run.compiled else nullcontext()):
         m = evaluate(method.inference_model(), run.val_batches, method.num_classes, run.settings, run.device,
                      run.cfg.data.ignore_index, run.amp, on_batch=pictures)
     run.log.write({"step": step, "val_mIoU": m.miou, "val_aAcc": m.aacc, "val_mAcc": m.macc})
@@ -275,7 +293,8 @@ def save_curves(run: Run) -> None:
 
 
 def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.device, folder: RunFolder,
-         console: Any, show: bool, board: TensorBoardLog) -> TrainResult:
+         console: Any, show: bool, board: TensorBoardLog, speed: SpeedSettings | None = None,
+         compiled: CompiledNetworks | None = None) -> TrainResult:
     main = distributed.is_main()
     total = cfg.train.iters
     start, best, resume_rng = resume_from_last(method, specs, folder.path) if folder.resume else (0, -1.0, None)
@@ -283,13 +302,14 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
     if main:
         write_text(folder.path / "config.toml", config_to_toml(cfg))
     board.open(start if folder.resume else None)  # a resumed run's events after `start` are purged
-    pin = device.type == "cuda"
+    from semiseg_cli.engine.loaders import loader_settings
+    pin = loader_settings(cfg.data, device)  # data.pin_memory / persistent_workers / prefetch_factor
     run = Run(
         cfg, method, specs, folder, device, console,
         log=MetricLog(folder.path / "metrics.jsonl", start if folder.resume else None, main),
         val_batches=eval_loader(data.ds_val, cfg.eval.batch_size, cfg.data.workers, pin),
         settings=InferenceSettings.from_config(cfg), amp=cfg.train.amp and device.type == "cuda", main=main,
-        board=board, best=best,
+        board=board, best=best, speed=speed or SpeedSettings(False, False, False), compiled=compiled,
     )
     if start >= total:
         if main:
@@ -308,6 +328,7 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
     # image with a partner from another batch (FixMatch/UniMatch's CutMix, as the official code).
     it_p = (infinite_loader(data.ds_u, bu, cfg.data.workers, cfg.train.seed, 2, start * accum, pin)
             if data.ds_u and method.unlabeled_partner else None)
+    draw = _micro_batches(method, (it_l, it_u, it_p), device, run.speed.channels_last)
     meter = StepMeter()
     plain = show and not getattr(console, "is_terminal", False)  # no live bar off a terminal: lines instead
     bar = _progress(console, enabled=show and not plain)
@@ -318,7 +339,7 @@ def _run(cfg: Any, method: Method, specs: list, data: RunData, device: torch.dev
         set_rng_state(resume_rng)
     with bar:
         for step in range(start, total):
-            meter.add(_train_step(method, specs, (it_l, it_u, it_p), device, accum, run.amp, step, folder.path, cfg.optim.lr))
+            meter.add(_iteration(run, draw, accum, step))
             distributed.average_gradients(other_params)
             for spec in specs:
                 if step % spec.every == 0:
@@ -383,22 +404,86 @@ class StepMeter:
         return rec
 
 
-def _train_step(method: Method, specs: list, streams: tuple[Any, Any, Any], device: torch.device, accum: int, amp: bool,
-                step: int, run_dir: Path, lr: float) -> dict[str, tuple[torch.Tensor, int]]:
-    """One iteration's forward/backward passes: `accum` micro-batches, gradients summed.
-    `streams`: the labeled, unlabeled and partner iterators (the last two may be None).
-    Returns each logged value summed over the micro-batches, with its count."""
+MicroBatch = tuple[dict[str, Any], Optional[dict[str, Any]]]  # (labeled, unlabeled)
+
+
+def _micro_batches(method: Method, streams: tuple[Any, Any, Any], device: torch.device,
+                   channels_last: bool) -> Callable[[], MicroBatch]:
+    """The next (labeled, unlabeled) micro-batch on the device, each call. `streams`: the
+    labeled, unlabeled and partner iterators (the last two may be None)."""
     it_l, it_u, it_p = streams
-    for spec in specs:
-        spec.optimizer.zero_grad(set_to_none=True)
-    out: dict[str, tuple[torch.Tensor, int]] = {}
-    for micro in range(accum):
+
+    def draw() -> MicroBatch:
         batch_l = to_device(next(it_l), device)
         if method.uses_tags:
             batch_l = _hide_masks(batch_l)
         batch_u = to_device(next(it_u), device) if it_u is not None else None
         if batch_u is not None and it_p is not None:
             batch_u["partner"] = to_device(next(it_p), device)
+        if channels_last:  # at the device copy, as the networks' weights
+            return batch_to_channels_last(batch_l), batch_to_channels_last(batch_u)
+        return batch_l, batch_u
+
+    return draw
+
+
+def _iteration(run: Run, draw: Callable[[], MicroBatch], accum: int, step: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """`_train_step`, and with train.compile the way back when torch.compile fails.
+
+    torch compiles at the first call of each new input shape (the first iteration, and e.g.
+    U2PL's first semi-supervised one), so a failure surfaces inside a step. The iteration then
+    runs again eagerly from the same micro-batches and RNG state, with the method's state as
+    it was before the first compiled iteration (a copy kept for that one only: later failures,
+    rare once the first shapes compiled, keep whatever the failed attempt's forward had already
+    updated, e.g. BatchNorm statistics). Data errors, a diverged loss and running out of
+    memory are not compile failures and stop the run as without compile."""
+    rest = (run.device, accum, run.amp, step, run.run_dir, run.cfg.optim.lr)
+    compiled = run.compiled
+    if compiled is None or not compiled.active:
+        return _train_step(run.method, run.specs, draw, *rest)
+    drawn: list[MicroBatch] = []
+    data_failed = False
+
+    def recorded() -> MicroBatch:
+        nonlocal data_failed
+        try:
+            batch = draw()
+        except BaseException:
+            data_failed = True
+            raise
+        drawn.append(batch)
+        return batch
+
+    rng = rng_state()
+    snapshot = ({k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in run.method.state_dict().items()} if compiled.first else None)
+    try:
+        out = _train_step(run.method, run.specs, recorded, *rest)
+    except (UserError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raised; an eager rerun shows a real error again
+        if data_failed:
+            raise
+        compiled.fall_back(e)
+        flush_warnings()
+        set_rng_state(rng)
+        if snapshot is not None:
+            run.method.load_state_dict(snapshot)
+        replay = iter(drawn)
+        out = _train_step(run.method, run.specs, lambda: next(replay, None) or draw(), *rest)
+    compiled.first = False
+    return out
+
+
+def _train_step(method: Method, specs: list, draw: Callable[[], MicroBatch], device: torch.device, accum: int, amp: bool,
+                step: int, run_dir: Path, lr: float) -> dict[str, tuple[torch.Tensor, int]]:
+    """One iteration's forward/backward passes: `accum` micro-batches from `draw`, gradients
+    summed. Returns each logged value summed over the micro-batches, with its count."""
+    for spec in specs:
+        spec.optimizer.zero_grad(set_to_none=True)
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for micro in range(accum):
+        batch_l, batch_u = draw()
         sync = micro == accum - 1 or not isinstance(method.model, nn.parallel.DistributedDataParallel)
         with (nullcontext() if sync else method.model.no_sync()):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

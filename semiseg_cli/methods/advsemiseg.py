@@ -38,7 +38,7 @@ from torch import nn
 
 from semiseg_cli.engine import distributed
 from semiseg_cli.errors import UserError, warn
-from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer, poly_lambda
+from semiseg_cli.methods.base import Method, OptimizerSpec, build_optimizer, make_optimizer, poly_lambda
 from semiseg_cli.methods.supervised import sup_losses
 
 # The discriminator has five 4x4 stride-2 convs: each side shrinks by 32; smaller inputs give an
@@ -184,7 +184,7 @@ class AdvSemiSeg(Method):
         p = self.cfg.advsemiseg
         g = build_optimizer(self.model, self.cfg.optim, total_iters)
         g.every = p.g_update_every
-        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=p.d_lr, betas=_D_BETAS)
+        d_opt = make_optimizer(torch.optim.Adam, self.discriminator.parameters(), self.cfg.optim.impl, lr=p.d_lr, betas=_D_BETAS)
         d = OptimizerSpec(d_opt, poly_lambda(total_iters, self.cfg.optim.poly_power), every=p.d_update_every, name="disc")
         return [g, d]
 

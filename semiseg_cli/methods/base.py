@@ -14,12 +14,14 @@ Batches are dicts from `semiseg_cli.data`: `image` (B,3,H,W normalised float), `
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from semiseg_cli.errors import warn
 
 
 @dataclass
@@ -82,17 +84,65 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return bb, head
 
 
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "plain")
+
+
+def _supports_fused(cls: type) -> bool:
+    return "fused" in inspect.signature(cls.__init__).parameters
+
+
+def resolve_optimizer_impl(impl: str, cls: type, on_cuda: bool) -> str:
+    """What `optim.impl` means for optimizer class `cls` on CUDA parameters or not ("auto":
+    fused where torch has fused kernels for `cls` on CUDA, foreach on CUDA otherwise, plain
+    on the CPU, where torch's own default is the plain loop too)."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer impl must be one of {', '.join(OPTIMIZER_IMPLS)} (got {impl!r})")
+    if impl == "auto":
+        return ("fused" if _supports_fused(cls) else "foreach") if on_cuda else "plain"
+    return impl
+
+
+def make_optimizer(cls: type, params: Any, impl: str = "auto", **hyper: Any) -> torch.optim.Optimizer:
+    """`cls(params, **hyper)` computed the way `impl` (`optim.impl`) asks; the same update up to
+    float rounding whichever it is. "auto": fused kernels when every parameter is on CUDA and
+    torch has them for `cls`, else foreach on CUDA, else the plain per-parameter loop (CPU).
+    "fused" where torch cannot (another optimizer class, a device without the kernels): one
+    warning line, then foreach."""
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    tensors = [p for g in groups for p in g["params"]]
+    impl = resolve_optimizer_impl(impl, cls, bool(tensors) and all(p.device.type == "cuda" for p in tensors))
+    if impl == "fused":
+        why = f"torch's {cls.__name__} has no fused kernels"
+        if _supports_fused(cls):
+            try:
+                return cls(groups, fused=True, **hyper)
+            except (RuntimeError, ValueError) as e:  # e.g. parameters on a device without them
+                why = str(e).split("\n", 1)[0]
+        warn(f"optim.impl = \"fused\": {why}; using foreach")
+        impl = "foreach"
+    return cls(groups, foreach=impl == "foreach", **hyper)
+
+
+def optimizer_impl(opt: torch.optim.Optimizer) -> str:
+    """Which implementation an optimizer steps with: "fused", "foreach" or "plain"."""
+    g = opt.param_groups[0] if opt.param_groups else opt.defaults
+    return "fused" if g.get("fused") else "foreach" if g.get("foreach") else "plain"
+
+
 def build_optimizer(model: nn.Module, optim_cfg: Any, total_iters: int) -> OptimizerSpec:
-    """SGD or AdamW over backbone (lr) and heads (lr x head_lr_mult), with warm-up + poly."""
+    """SGD or AdamW over backbone (lr) and heads (lr x head_lr_mult), with warm-up + poly,
+    stepped the way `optim.impl` says (`make_optimizer`)."""
     bb, head = split_params(model)
     groups = [{"params": bb, "lr": optim_cfg.lr}, {"params": head, "lr": optim_cfg.lr * optim_cfg.head_lr_mult}]
     groups = [g for g in groups if g["params"]]
     if optim_cfg.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay
-        )
+        opt = make_optimizer(torch.optim.SGD, groups, optim_cfg.impl, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                             weight_decay=optim_cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, weight_decay=optim_cfg.weight_decay)
+        opt = make_optimizer(torch.optim.AdamW, groups, optim_cfg.impl, lr=optim_cfg.lr, betas=optim_cfg.betas,
+                             weight_decay=optim_cfg.weight_decay)
     return OptimizerSpec(opt, poly_lambda(total_iters, optim_cfg.poly_power, optim_cfg.warmup_iters))
 
 

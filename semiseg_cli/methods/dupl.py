@@ -109,7 +109,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 def _equalize(x: torch.Tensor) -> torch.Tensor:
     """Per-image, per-channel histogram equalisation on 256 levels (a vectorised PIL-like version)."""
     n, c, h, w = x.shape
-    q = (x * 255).round().long().clamp(0, 255).view(n * c, h * w)
+    q = (x * 255).round().long().clamp(0, 255).reshape(n * c, h * w)  # reshape: x may be channels_last
     hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
     cdf = hist.cumsum(1)
     cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float("inf"))).amin(1, keepdim=True)

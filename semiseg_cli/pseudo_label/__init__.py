@@ -17,8 +17,10 @@ image's root-relative path with the extension changed:
     DIR/meta.json             checkpoint identity, settings and how to decode the files
 
 One job per module: `runner` (settings, the run, one batch), `dataset` (which images, read for
-the network), `stats` (reliability, counts, records' numbers, summary), `writer` (encoding and
-the writer threads), `folder` (names, identity, resume, manifest). The checkpoint-and-split
+the network), `quantise` (every per-pixel output of a batch, on the device), `stats`
+(reliability, counts, records' numbers, summary), `writer` (encoding one image's files, the
+writer front), `pool` (the bounded pool of writer processes and its shared memory), `folder`
+(names, identity, resume, manifest). The checkpoint-and-split
 preamble it shares with `eval` is `semiseg_cli.engine.inputs`.
 
 Nothing here imports torch or numpy at import time: `semiseg --help` should not load them.

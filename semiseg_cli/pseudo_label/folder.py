@@ -4,7 +4,8 @@ What can go wrong, and what this module does about it:
 - A rerun after a crash or Ctrl-C must not redo finished images nor leave a manifest that lists
   an image twice or misses one: the per-image record is written after its files (by the
   writer), an image counts as done when its record and every file it lists exist (`is_done`),
-  and the manifest is rebuilt from the records after every run (`finish`), never appended to.
+  and the manifest is rebuilt from the records after every run (`finish`), never appended to,
+  in split order, so it does not depend on the order in which the writer processes finished.
 - Mixing two checkpoints (or two threshold settings) in one folder silently produces a useless
   label set, so `meta.json` records the identity (SHA-256 of the inference weights, which
   weights, and every setting that changes the files) and a different one is refused unless
@@ -208,16 +209,21 @@ def _format_split(lines: Sequence[tuple[str, str]]) -> str | None:
 
 
 def finish(out: Path, pairs: Sequence[tuple[str, str | None]], stems: Sequence[str], wanted: Sequence[dict[str, str]],
-           root: Path, train_labels: bool) -> list[dict[str, Any]]:
-    """Rebuild manifest.jsonl and split.txt from the records of the split's finished images.
+           root: Path, train_labels: bool, known: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rebuild manifest.jsonl and split.txt from the records of the split's finished images, in
+    split order (whatever order the writers finished them in).
 
-    Runs after every run, failed or interrupted ones included, so both always match the files.
+    `known`: records by split index already known to be done (checked at the start of the run, or
+    acknowledged by a writer in it), which are not read back; every other image is checked on
+    disk (`is_done`). Runs after every run, failed or interrupted ones included, so both always
+    match the files.
     """
+    known = known or {}
     records = []
     lines: list[tuple[str, str]] = []
     root_abs = Path(os.path.abspath(root))
-    for (img, _), st, w in zip(pairs, stems, wanted):
-        rec = is_done(out, st, w)
+    for i, ((img, _), st, w) in enumerate(zip(pairs, stems, wanted)):
+        rec = known[i] if i in known else is_done(out, st, w)
         if rec is None:
             continue
         records.append(rec)

@@ -11,7 +11,9 @@ What can go wrong:
 - Ties at the percentile: a saturated model has many pixels at entropy 0, and U2PL's
   `entropy >= percentile` then drops every pixel of the image; ties are kept here.
 - Speed: boolean-mask indexing per count cost ~10% of the whole loop on a CPU, so the counts are
-  three bincounts per batch (`batch_counts`).
+  three bincounts per batch (`batch_counts`). On CUDA `bincount` reads the input's min and max
+  back to the host (a sync that would stop the next batch from being queued), so there the
+  same counts are `index_add_` into a zeroed tensor of the known length.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def batch_counts(
     c = num_classes
     offset = (torch.arange(b, device=label.device) * c).view(b, *([1] * (label.dim() - 1)))
     idx = (label.long() + offset).flatten()
-    out = {"conf_sum": torch.bincount(idx, weights=confidence.double().flatten(), minlength=b * c).view(b, c)}
+    out = {"conf_sum": _bincount(idx, b * c, confidence.double().flatten()).view(b, c)}
     if gt is None:
-        n = torch.bincount(idx * 2 + reliable.flatten().long(), minlength=b * c * 2).view(b, c, 2)
+        n = _bincount(idx * 2 + reliable.flatten().long(), b * c * 2).view(b, c, 2)
         out["hist"] = n.sum(-1)
         out["reliable_hist"] = n[..., 1]
         return out
@@ -97,7 +99,7 @@ def batch_counts(
     valid = (gt >= 0) & (gt < c)
     correct = valid & (label.long() == gt)
     flags = reliable.long() + 2 * valid.long() + 4 * correct.long()  # correct implies valid: 0-3, 6, 7
-    n = torch.bincount(idx * 8 + flags.flatten(), minlength=b * c * 8).view(b, c, 8)
+    n = _bincount(idx * 8 + flags.flatten(), b * c * 8).view(b, c, 8)
     out["hist"] = n.sum(-1)
     out["reliable_hist"] = n[..., 1::2].sum(-1)
     out["pred_valid"] = n[..., 2:].sum(-1)
@@ -105,8 +107,20 @@ def batch_counts(
     out["reliable_valid"] = n[..., 3] + n[..., 7]
     out["reliable_correct"] = n[..., 7]
     gt_idx = torch.where(valid, gt.clamp(0, c - 1) + offset, torch.full_like(gt, b * c)).flatten()
-    out["gt_hist"] = torch.bincount(gt_idx, minlength=b * c + 1)[: b * c].view(b, c)
+    out["gt_hist"] = _bincount(gt_idx, b * c + 1)[: b * c].view(b, c)
     return out
+
+
+def _bincount(idx: "torch.Tensor", length: int, weights: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """`torch.bincount(idx, weights, minlength=length)` for indices known to be in [0, length),
+    without its host sync on CUDA."""
+    import torch
+
+    if idx.device.type != "cuda":
+        return torch.bincount(idx, weights=weights, minlength=length)
+    if weights is None:
+        return torch.zeros(length, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    return torch.zeros(length, dtype=weights.dtype, device=idx.device).index_add_(0, idx, weights)
 
 
 def _ratio(num: float, den: float) -> float | None:
