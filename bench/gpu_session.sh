@@ -92,7 +92,13 @@ if [ "${QUICK:-0}" != 1 ]; then  # a realistic image size, where the network is 
   log "pseudo-label throughput at 512x512"
   timeout 240 $PY bench/bench_pseudo_label.py --device "$DEVICE" --workers 4 --images 96 --size 512 --batch-size 8 \
     --work "$RUNS/pl_work_512" --out "$RES/pseudo_label_${DEVICE}_512.json" 2>&1 | tail -n 12
+  log "pseudo-label writer stage, and end to end at 512x512 (issue #21 part 1)"
+  if [ "$QUICK" = 1 ]; then PLW=(--tiny); else PLW=(--only-default --writers 4,8 --e2e-size 512 --e2e-images 96 --batch-size 8 --workers 4 --work "$RUNS/pl_work_512"); fi
+  timeout 300 $PY bench/bench_pl_writers.py --device "$DEVICE" "${PLW[@]}" --out "$RES/pl_writers_$DEVICE.json" 2>&1 | tail -n 40
 fi
+log "loader throughput against this session's step times (issue #21 part 3)"
+LARGS=(); [ "$QUICK" = 1 ] && LARGS=(--tiny)
+timeout 240 $PY bench/bench_loader.py --workers 0,2,4,8 --camvid-root "$CAMVID" --gpu-dir "$RES" --out "$RES/loader_$DEVICE.json" "${LARGS[@]}" 2>&1 | tail -n 30
 if [ "$DEVICE" = cuda ]; then
   log "torchrun smoke (NCCL, 1 process)"
   $PY -m semiseg_cli demo-data --out "$RUNS/demo_data" > /dev/null 2>&1 || true
