@@ -31,9 +31,9 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 # What `make demo` trains (keep in step with the Makefile).
 METHODS = {
-    "supervised": "supervised_r18-os16_1x4-400it_demo-96",
-    "u2pl": "u2pl_r18-os16_1x4+4-400it_demo-96",
-    "unimatch": "unimatch_r18-os16_1x4+4-400it_demo-96",
+    "supervised": "supervised_r18-os16_1x8-800it_demo-64",
+    "u2pl": "u2pl_r18-os16_1x8+8-800it_demo-64",
+    "unimatch": "unimatch_r18-os16_1x8+8-800it_demo-64",
 }
 TARGETS = {"unimatch": 5.0, "u2pl": 2.0}
 MIN_CLASS_IOU = 30.0
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every run")
     ap.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     ap.add_argument("--tiny", action="store_true", help="a few images and iterations: checks the bench runs end to end")
+    ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (for docs/benchmarks.md)")
     a = ap.parse_args()
     py = sys.executable
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -68,7 +69,7 @@ def main() -> None:
     extra = list(a.sets)
     if a.tiny:
         a.n_train, a.n_val, a.size, a.iters = a.n_train or 24, a.n_val or 4, a.size or 48, a.iters or 4
-        extra += ["data.crop_size=[32,32]", "train.val_interval=0", "train.ckpt_interval=2", "train.log_interval=2",
+        extra += ["data.crop_size=[32,32]", "data.batch_size=4", "data.unlabeled_batch_size=4", "train.val_interval=0", "train.ckpt_interval=2", "train.log_interval=2",
                   "u2pl.sup_only_iters=2", "data.workers=0", "eval.batch_size=4"]
     out = a.out if a.out.is_absolute() else REPO / a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def main() -> None:
             gen += [flag, str(v)]
     if not (data / "semiseg_demo.json").is_file():
         sh(gen, log)
-    labeled = a.labeled or _make_var("DEMO_LABELED", "1/8")
+    labeled = a.labeled or _make_var("DEMO_LABELED", "1/16")
     if not (splits / "labeled.txt").is_file():
         sh([py, "-m", "semiseg_cli", "prepare-splits", "--dataset", "demo", "--root", str(data), "--labeled", labeled,
             "--seed", "0", "--out", str(splits), "--overwrite"], log)
@@ -116,6 +117,8 @@ def main() -> None:
             }
     summary = summarise(results, seeds)
     show(results, summary, seeds)
+    if a.markdown:
+        print(markdown(results, summary, seeds))
     dest = a.json or (REPO / "bench/results" / ("demo_seeds_tiny.json" if a.tiny else "demo_seeds.json"))
     dest.parent.mkdir(parents=True, exist_ok=True)
     payload = {"seeds": seeds, "presets": methods, "labeled": labeled, "iters": a.iters, "sets": extra,
@@ -156,6 +159,29 @@ def summarise(results: dict[str, dict[str, dict]], seeds: list[int]) -> dict:
             "target_met": None if target is None else (mean_gap >= target and all(g > 0 for g in gaps)),
         }
     return out
+
+
+def markdown(results: dict[str, dict[str, dict]], summary: dict, seeds: list[int]) -> str:
+    """The per-seed and per-class tables as Markdown."""
+    head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gap to supervised: mean (per seed) | train s (mean) |"
+    lines = [head, "|" + "---|" * (len(seeds) + 4)]
+    for m, per_seed in results.items():
+        info = summary.get(m, {})
+        gap = f"{info['mean_gap']:+.2f} ({', '.join(f'{g:+.2f}' for g in info['gaps'])})" if "gaps" in info else ""
+        secs = [per_seed[str(s)]["train_seconds"] for s in seeds if per_seed[str(s)]["train_seconds"] is not None]
+        lines.append(f"| {m} | " + " | ".join(f"{per_seed[str(s)]['mIoU']:.2f}" for s in seeds)
+                     + f" | {statistics.fmean(per_seed[str(s)]['mIoU'] for s in seeds):.2f} | {gap} | "
+                     + (f"{statistics.fmean(secs):.0f}" if secs else "") + " |")
+    classes = list(next(iter(next(iter(results.values())).values()))["per_class"])
+    lines += ["", "| class (IoU, " + ", ".join(f"seed {s}" for s in seeds) + ") | " + " | ".join(results) + " |",
+              "|" + "---|" * (len(results) + 1)]
+    for c in classes:
+        cells = []
+        for per_seed in results.values():
+            xs = [per_seed[str(s)]["per_class"][c] for s in seeds]
+            cells.append(" / ".join("n/a" if x is None else f"{x:.1f}" for x in xs))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def show(results: dict[str, dict[str, dict]], summary: dict, seeds: list[int]) -> None:

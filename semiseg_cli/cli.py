@@ -249,12 +249,13 @@ def demo_data_cmd(
     n_val: Annotated[int, typer.Option(help="Validation images.")] = 60,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    version: Annotated[int, typer.Option(help="Generator version: 3 (default, what make demo uses) or 2 (earlier releases).")] = 3,
     overwrite: Overwrite = False,
 ) -> None:
     """Generate the built-in synthetic demo dataset (no download)."""
     from semiseg_cli.data.demo import generate_demo
 
-    path = generate_demo(out, n_train=n_train, n_val=n_val, size=size, seed=seed, overwrite=overwrite)
+    path = generate_demo(out, n_train=n_train, n_val=n_val, size=size, seed=seed, overwrite=overwrite, version=version)
     out_console.print(f"demo dataset in {path}")
 
 

@@ -284,6 +284,39 @@ def test_demo_is_byte_identical_per_seed(tmp_path: Path) -> None:
     assert d["images/val/val_0000.png"] == a["images/val/val_0000.png"]
 
 
+# SHA-256 over (relative path, bytes) of every file of generate_demo(n_train=2, n_val=1, size=48,
+# seed=0): version 2 recorded from the generator as it was before version 3 existed (the figures of
+# earlier releases were measured on it), version 3 from the data `make demo` and
+# bench/demo_seeds.py measured. A change to either generator shows here.
+_DEMO_SHA256 = {
+    2: "e0f36074c1c1361d7e8b237f63b86f6b273c7510920a305bb469322ede6e3a16",
+    3: "73c2e35d7c0d1271aadc7e08e39827977d7557bf459318ac2989a953e240398d",
+}
+
+
+@pytest.mark.parametrize("version", sorted(_DEMO_SHA256))
+def test_each_demo_generator_version_stays_byte_identical(tmp_path: Path, version: int) -> None:
+    import hashlib
+    import json
+
+    root = generate_demo(tmp_path / "d", n_train=2, n_val=1, size=48, seed=0, version=version)
+    h = hashlib.sha256()
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    assert h.hexdigest() == _DEMO_SHA256[version]
+    assert json.loads((root / "semiseg_demo.json").read_text())["version"] == version
+
+
+def test_demo_versions_differ_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+    v2 = _tree_bytes(generate_demo(tmp_path / "v2", n_train=1, n_val=1, size=32, version=2))
+    v3 = _tree_bytes(generate_demo(tmp_path / "v3", n_train=1, n_val=1, size=32))  # default: 3
+    assert v2["images/train/train_0000.png"] != v3["images/train/train_0000.png"]
+    with pytest.raises(UserError, match="version 9 does not exist; choose one of 2, 3"):
+        generate_demo(tmp_path / "v9", n_train=1, n_val=1, size=32, version=9)
+    assert not (tmp_path / "v9").exists()
+
+
 def test_demo_refuses_foreign_folders_but_regenerates_its_own(tmp_path: Path) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
