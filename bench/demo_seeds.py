@@ -112,6 +112,7 @@ def main() -> None:
             r = json.loads(report.read_text())
             t = json.loads((run / "bench_time.json").read_text()) if (run / "bench_time.json").is_file() else {}
             results.setdefault(m, {})[str(seed)] = {
+                "pseudo_labels": pseudo_label_stats(run / "metrics.jsonl"),
                 "mIoU": 100 * r["mIoU"], "per_class": {k: (None if v["IoU"] is None else 100 * v["IoU"]) for k, v in r["per_class"].items()},
                 "train_seconds": t.get("train_seconds"), "checkpoint": r["checkpoint"], "weights": r.get("weights"), "split": r["split"],
             }
@@ -127,6 +128,22 @@ def main() -> None:
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, dest)
     Console().print(f"wrote {dest}")
+
+
+# What the methods log about their pseudo-labels on the unlabeled images (which have masks here):
+# accuracy of all pseudo-labels, of the ones trained on, and the share trained on.
+PL_KEYS = ("pl_acc", "pl_acc_kept", "pl_acc_conf", "unsup_kept", "conf_frac")
+
+
+def pseudo_label_stats(metrics: Path) -> dict[str, float]:
+    """Mean of each PL_KEYS value over the second half of training (the first holds warm-ups)."""
+    if not metrics.is_file():
+        return {}
+    recs = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    if not recs:
+        return {}
+    half = [r for r in recs if r["step"] > recs[-1]["step"] / 2]
+    return {k: statistics.fmean(r[k] for r in half if k in r) for k in PL_KEYS if any(k in r for r in half)}
 
 
 def _make_var(name: str, default: str) -> str:
@@ -221,6 +238,12 @@ def show(results: dict[str, dict[str, dict]], summary: dict, seeds: list[int]) -
         console.print("supervised weakest class per seed: " + ", ".join(f"seed {s}: {v['class']} {v['IoU']:.1f}" for s, v in w.items()))
     times = {m: [per_seed[str(s)]["train_seconds"] for s in seeds if per_seed[str(s)]["train_seconds"] is not None]
              for m, per_seed in results.items()}
+    for m, per_seed in results.items():
+        pl = [per_seed[str(s)].get("pseudo_labels", {}) for s in seeds]
+        keys = sorted(set().union(*pl))
+        if keys:
+            console.print(f"{m} pseudo-labels, second half of training, per seed: " + "; ".join(
+                f"{k} " + "/".join(f"{100 * d[k]:.1f}" for d in pl if k in d) for k in keys))
     console.print("train wall time (s, mean over seeds): " + ", ".join(f"{m} {statistics.fmean(v):.0f}" for m, v in times.items() if v))
 
 
