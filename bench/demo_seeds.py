@@ -114,7 +114,7 @@ def main() -> None:
             results.setdefault(m, {})[str(seed)] = {
                 "pseudo_labels": pseudo_label_stats(run / "metrics.jsonl"),
                 "mIoU": 100 * r["mIoU"], "per_class": {k: (None if v["IoU"] is None else 100 * v["IoU"]) for k, v in r["per_class"].items()},
-                "train_seconds": t.get("train_seconds"), "checkpoint": r["checkpoint"], "weights": r.get("weights"), "split": r["split"],
+                "train_seconds": t.get("train_seconds"), "checkpoint": _repo_relative(r["checkpoint"]), "weights": r.get("weights"), "split": r["split"],
             }
     summary = summarise(results, seeds)
     show(results, summary, seeds)
@@ -144,6 +144,12 @@ def pseudo_label_stats(metrics: Path) -> dict[str, float]:
         return {}
     half = [r for r in recs if r["step"] > recs[-1]["step"] / 2]
     return {k: statistics.fmean(r[k] for r in half if k in r) for k in PL_KEYS if any(k in r for r in half)}
+
+
+def _repo_relative(path: str) -> str:
+    """A path inside the repository as seen from its root (results carry no machine paths)."""
+    p = Path(path)
+    return p.relative_to(REPO).as_posix() if p.is_absolute() and p.is_relative_to(REPO) else path
 
 
 def _make_var(name: str, default: str) -> str:
