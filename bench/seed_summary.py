@@ -10,6 +10,10 @@ error (standard deviation of the paired gaps over the square root of their numbe
 won, the two-sided p-value of an exact sign-flip permutation test of the mean gap (how often the
 2^n sign patterns of the gaps give a mean at least as far from zero), and the mean paired gap per
 class.
+
+`--markdown` prints the same as Markdown tables for docs/benchmarks.md (mIoU per seed, mean,
+mean paired gap ± se, seeds won, p; then the mean IoU per class and run); `--test FILES...` adds
+the held-out split's files of the same seeds, in the same order, so every cell reads "val / test".
 """
 
 from __future__ import annotations
@@ -74,7 +78,12 @@ def summarise(files: dict[str, dict], base: str) -> dict:
             "p_sign_flip": sign_flip_p(list(gaps.values())) if name != base else None,
             "mean_class_gap": class_gap,
         }
-    return {"base": base, "seeds": seeds, "runs": out}
+    per_class_mean = {
+        name: {c: statistics.fmean(100 * r["per_class"][c]["IoU"] for r in by_seed.values())
+               for c in next(iter(by_seed.values()))["per_class"]}
+        for name, by_seed in runs.items()
+    }
+    return {"base": base, "seeds": seeds, "runs": out, "per_class_mean": per_class_mean}
 
 
 def main() -> None:
@@ -82,9 +91,21 @@ def main() -> None:
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--base", default="supervised", help="the run every gap is taken against")
     ap.add_argument("--out", type=Path, help="also write the summary as JSON")
+    ap.add_argument("--test", nargs="+", type=Path, help="the same seeds' test-split files, for --markdown")
+    ap.add_argument("--markdown", action="store_true", help="print Markdown tables instead")
     args = ap.parse_args()
     files = {p.stem: json.loads(p.read_text()) for p in args.files}
     summary = summarise(files, args.base)
+    if args.markdown:
+        test = None
+        if args.test:
+            if len(args.test) != len(args.files):
+                raise SystemExit(f"--test: {len(args.test)} files for {len(args.files)} seeds; give one per seed, in the same order")
+            test = summarise({p.stem: json.loads(p.read_text()) for p in args.test}, args.base)
+        print(markdown(summary, test))
+        if args.out:
+            write_json(args.out, summary)
+        return
     seeds = summary["seeds"]
     table = Table(title=f"mIoU per seed, paired gap to {args.base}")
     table.add_column("run")
@@ -109,9 +130,51 @@ def main() -> None:
             parts = ", ".join(f"{c} {g:+.1f}" for c, g in r["mean_class_gap"].items())
             console.print(f"{name}, mean class IoU gap: {parts}")
     if args.out:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(args.out)
+        write_json(args.out, summary)
+
+
+def write_json(path: Path, summary: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+
+
+def markdown(val: dict, test: dict | None = None) -> str:
+    """Markdown tables of `summarise` results: per seed, mean and paired gap; then per class.
+    With `test` (the same seeds on the held-out split) every cell is "val / test"."""
+    seeds, base = val["seeds"], val["base"]
+    tseeds = test["seeds"] if test else []
+
+    def both(fmt: str, v: float | None, t: float | None = None, with_test: bool = True) -> str:
+        a = "—" if v is None else format(v, fmt)
+        if test is None or not with_test:
+            return a
+        return f"{a} / {'—' if t is None else format(t, fmt)}"
+
+    head = ["run", *[f"seed {i}" for i in range(len(seeds))], "mean", f"mean paired gap to {base} ± se", "ahead on", "p"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in val["runs"].items():
+        t = test["runs"].get(name) if test else None
+        cells = [both(".2f", r["mIoU"].get(s), t["mIoU"].get(ts) if t else None) for s, ts in zip(seeds, tseeds or seeds)]
+        n = len(r["mIoU"])
+        mean = both(".2f", r["mean"], t["mean"] if t else None) + ("" if n == len(seeds) else f" ({n} seed{'s' * (n > 1)})")
+        if name == base:
+            gap = wins = p = ""
+        else:
+            def g(x: dict | None) -> str:
+                if x is None or x["mean_gap"] is None:
+                    return "—"
+                return f"{x['mean_gap']:+.2f}" + (f" ± {x['gap_se']:.2f}" if x["gap_se"] is not None else "")
+            gap = g(r) + (f" / {g(t)}" if test else "")
+            wins = f"{r['wins']}/{len(r['gap'])}" + (f" / {t['wins']}/{len(t['gap'])}" if t else "")
+            p = both(".3f", r["p_sign_flip"], t["p_sign_flip"] if t else None) if r["p_sign_flip"] is not None else ""
+        lines.append("| " + " | ".join([name, *cells, mean, gap, wins, p]) + " |")
+    # Mean IoU per class and run (over the seeds it has), val.
+    classes = list(next(iter(val["per_class_mean"].values())))
+    lines += ["", "| class | " + " | ".join(val["runs"]) + " |", "|" + "---|" * (len(val["runs"]) + 1)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{val['per_class_mean'][n][c]:.1f}" for n in val["runs"]) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

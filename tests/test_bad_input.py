@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from semiseg_cli.cli import app
+from tests.cli_checks import one_line_error
 
 runner = CliRunner()
 TINY = [
@@ -35,23 +36,6 @@ def snapshot(root: Path) -> dict[str, Any]:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def one_line_error(result: Any, *fragments: str, mid_run: bool = False) -> str:
-    """The error line; `mid_run`: progress lines printed before it are fine, the error is the
-    last line and the only one starting with `error:`."""
-    assert result.exit_code != 0, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and "Traceback" not in err, err
-    if mid_run:
-        lines = err.splitlines()
-        assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:], err
-        err = lines[-1]
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error:"), err
-    for f in fragments:
-        assert f in err, (f, err)
-    return err
 
 
 def warned(result: Any, *fragments: str) -> list[str]:

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from semiseg_cli import __version__
 from semiseg_cli.cli import app
+from tests.cli_checks import one_line_error
 
 runner = CliRunner()
 TINY = [
@@ -17,15 +18,6 @@ TINY = [
     "--crop-size", "64", "--batch-size", "2", "--set", "data.workers=0", "--iters", "2",
     "--set", "train.val_interval=0", "--device", "cpu",
 ]
-
-
-def _one_line_error(result, code: int = 2) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code == code, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error:"), err
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_version_and_help_list_every_command() -> None:
@@ -57,7 +49,7 @@ def test_train_dry_run_prints_the_resolved_config() -> None:
 def test_train_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], fragment: str | None) -> None:
     out = tmp_path / "run"
     r = runner.invoke(app, ["train", "--out", str(out), *args])
-    err = _one_line_error(r)
+    err = one_line_error(r, code=2)
     if fragment:
         assert fragment in err
     assert not out.exists()
@@ -71,7 +63,7 @@ def test_prepare_splits_is_byte_identical_and_refuses_changes(demo_root: Path, t
     assert (a / "labeled.txt").read_bytes() == (b / "labeled.txt").read_bytes()
     assert (a / "unlabeled.txt").read_bytes() == (b / "unlabeled.txt").read_bytes()
     r = runner.invoke(app, ["prepare-splits", "--dataset", "demo", "--root", str(demo_root), "--labeled", "1/4", "--seed", "4", "--out", str(a)])
-    assert "--overwrite" in _one_line_error(r)
+    assert "--overwrite" in one_line_error(r, code=2)
     r = runner.invoke(app, ["prepare-splits", "--dataset", "demo", "--root", str(demo_root), "--labeled", "1/4,2", "--seed", "0", "--out", str(tmp_path / "multi")])
     assert r.exit_code == 0 and (tmp_path / "multi" / "1_4" / "labeled.txt").is_file() and (tmp_path / "multi" / "2" / "labeled.txt").is_file()
 
@@ -108,29 +100,29 @@ def test_train_then_eval_end_to_end(demo_root: Path, tmp_path: Path) -> None:
     assert png.is_file()
     # Existing outputs are not overwritten without --overwrite; slide mode works.
     r = runner.invoke(app, ["eval", "-c", str(out / "best.pt"), "--json", str(rep), "--workers", "0"])
-    assert "--overwrite" in _one_line_error(r)
+    assert "--overwrite" in one_line_error(r, code=2)
     r = runner.invoke(app, ["eval", "-c", str(out / "best.pt"), "--mode", "slide", "--crop-size", "48", "--workers", "0"])
     assert r.exit_code == 0, r.output
     # Resuming a finished run does nothing and says so; a second plain run refuses the folder.
     r = runner.invoke(app, ["train", "--root", str(demo_root), "--labeled", "1/2", "--out", str(out), *TINY])
-    assert "not empty" in _one_line_error(r)
+    assert "not empty" in one_line_error(r, code=2)
 
 
 def test_eval_errors(tmp_path: Path) -> None:
     r = runner.invoke(app, ["eval", "-c", str(tmp_path / "nope.pt")])
-    assert "does not exist" in _one_line_error(r)
+    assert "does not exist" in one_line_error(r, code=2)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     r = runner.invoke(app, ["eval", "-c", str(bad)])
-    assert "cannot be read" in _one_line_error(r)
+    assert "cannot be read" in one_line_error(r, code=2)
     r = runner.invoke(app, ["eval", "-c", str(bad), "--mode", "tiles"])
-    assert "--mode" in _one_line_error(r)
+    assert "--mode" in one_line_error(r, code=2)
 
 
 def test_error_messages_keep_square_brackets(tmp_path: Path) -> None:
     # A message such as "pip install 'semiseg[export]'" must not lose its brackets to markup.
     r = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--set", "data.crop_size=[4, 4]"])
-    assert "data.crop_size[0]" in _one_line_error(r)
+    assert "data.crop_size[0]" in one_line_error(r, code=2)
 
 
 def test_resume_takes_the_runs_own_config_and_refuses_changes(demo_root: Path, tmp_path: Path) -> None:
@@ -151,7 +143,7 @@ def test_resume_takes_the_runs_own_config_and_refuses_changes(demo_root: Path, t
     for args, key in ((["--lr", "0.5"], "optim.lr"), (["--set", "model.dropout=0.3"], "model.dropout"),
                       (["--preset", "supervised_r18-os16_1x4-400it_demo-96"], "data.crop_size")):
         r = runner.invoke(app, ["train", "--out", str(out), "--resume", "--iters", "4", *args])
-        assert key in _one_line_error(r), args
+        assert key in one_line_error(r, code=2), args
     assert (out / "last.pt").read_bytes() == before
 
 
@@ -162,9 +154,9 @@ def test_bad_input_with_overwrite_keeps_the_previous_run(demo_root: Path, tmp_pa
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     for args in (["--root", str(tmp_path / "nowhere")], ["--root", str(demo_root), "--set", f'model.pretrained="{tmp_path / "no.pth"}"']):
         r = runner.invoke(app, ["train", "--labeled", "1/2", "--out", str(out), "--overwrite", *TINY, *args])
-        _one_line_error(r)
+        one_line_error(r, code=2)
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files, args
     # A new folder is not even created.
     r = runner.invoke(app, ["train", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new"), *TINY])
-    _one_line_error(r)
+    one_line_error(r, code=2)
     assert not (tmp_path / "new").exists()

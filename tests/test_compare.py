@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from semiseg_cli.cli import app
+from tests.cli_checks import no_temp_files, one_line_error
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -50,16 +51,6 @@ def write(path: Path, obj: Any) -> Path:
 @pytest.fixture
 def three(tmp_path: Path) -> list[Path]:
     return [write(tmp_path / name / "eval.json", r) for name, r in (("a", A), ("b", B), ("c", C))]
-
-
-def _one_line_error(result: Any) -> str:
-    assert result.exit_code != 0, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:"), err
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert result.stdout == "", result.stdout
-    return err
 
 
 def test_table_has_every_number_and_signed_gap(three: list[Path]) -> None:
@@ -109,7 +100,7 @@ def test_json_output_has_runs_gaps_and_baseline(three: list[Path], tmp_path: Pat
     assert data["gaps"] == {"u2pl (b)": 1.23, "fixmatch (c)": -2.5}  # exact, in mIoU points
     for run, src, rep in zip(data["runs"], three, (A, B, C)):
         assert run == {"label": run["label"], "source": str(src), **rep}
-    assert not list(out.parent.glob(".*semiseg-tmp*"))  # written atomically, no temporary left
+    assert no_temp_files(out.parent)  # written atomically, no temporary left
 
 
 def test_run_folder_uses_eval_json_and_split_picks_eval_test(tmp_path: Path) -> None:
@@ -214,7 +205,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case: str) -> 
     args, fragment = _bad_cases(tmp_path, good)[case]
     out = tmp_path / "out" / "compare.json"
     r = runner.invoke(app, ["compare", *args, "--json", str(out)])
-    err = _one_line_error(r)
+    err = one_line_error(r, quiet_stdout=True)
     assert fragment in err, err
     assert not out.exists() and not out.parent.exists()
 
@@ -222,13 +213,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case: str) -> 
 def test_classes_differ_names_both_files(tmp_path: Path) -> None:
     a = write(tmp_path / "a" / "eval.json", A)
     b = write(tmp_path / "b" / "eval.json", report(0.4, {"bg": 0.8, "cat": 0.3, "bird": 0.1}))
-    err = _one_line_error(runner.invoke(app, ["compare", str(a), str(b)]))
+    err = one_line_error(runner.invoke(app, ["compare", str(a), str(b)]), quiet_stdout=True)
     assert str(a) in err and str(b) in err and "class lists differ" in err and "dog" in err and "bird" in err
 
 
 def test_json_is_not_overwritten_without_overwrite(three: list[Path], tmp_path: Path) -> None:
     out = write(tmp_path / "compare.json", "keep me")
-    err = _one_line_error(runner.invoke(app, ["compare", *map(str, three), "--json", str(out)]))
+    err = one_line_error(runner.invoke(app, ["compare", *map(str, three), "--json", str(out)]), quiet_stdout=True)
     assert "--overwrite" in err
     assert out.read_text() == "keep me"
     r = runner.invoke(app, ["compare", *map(str, three), "--json", str(out), "--overwrite"])
@@ -238,7 +229,7 @@ def test_json_is_not_overwritten_without_overwrite(three: list[Path], tmp_path: 
 
 def test_json_never_replaces_an_input_report(three: list[Path]) -> None:
     before = three[1].read_text()
-    err = _one_line_error(runner.invoke(app, ["compare", *map(str, three), "--json", str(three[1]), "--overwrite"]))
+    err = one_line_error(runner.invoke(app, ["compare", *map(str, three), "--json", str(three[1]), "--overwrite"]), quiet_stdout=True)
     assert "input report" in err
     assert three[1].read_text() == before
 

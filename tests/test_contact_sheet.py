@@ -16,6 +16,7 @@ from semiseg_cli.cli import app
 from semiseg_cli.contact_sheet import Panel, choose_samples, compose_sheet, image_scores, plan_sheet
 from semiseg_cli.data.layouts import CAMVID_PALETTE, CITYSCAPES_PALETTE, index_palette
 from semiseg_cli.viz import IGNORE_COLOUR, blend, colorize, display_palette
+from tests.cli_checks import no_temp_files, one_line_error
 
 runner = CliRunner()
 
@@ -251,19 +252,6 @@ def runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     """best.pt of two 2-iteration supervised runs on the demo set (4 val images, 64x64)."""
     base = tmp_path_factory.mktemp("show_runs")
     return _train(demo_root, base / "run-a", 0), _train(demo_root, base / "run-b", 1)
-
-
-def one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code != 0, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:"), err
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
-def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.rglob("*") if ".semiseg-tmp-" in p.name]
 
 
 def test_show_writes_a_sheet_of_image_truth_and_each_run(runs: tuple[Path, Path], tmp_path: Path) -> None:

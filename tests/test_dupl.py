@@ -45,6 +45,7 @@ from semiseg_cli.methods.dupl import (
 )
 from semiseg_cli.methods.dupl_net import DualNet, DuPLSubNet, LargeFOV
 from semiseg_cli.models.vit import ViTBackbone, load_vit_weights, timm_vit_to_torchvision
+from tests.cli_checks import one_line_error
 from tests.method_harness import MethodChecks
 from tests.method_harness import make_cfg as harness_cfg
 
@@ -622,14 +623,6 @@ def test_training_uses_exactly_the_user_tags_file(demo_root: Path, tmp_path: Pat
         assert ids == tags[name], name  # the file's tags, not the mask's
 
 
-def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and len(err.splitlines()) == 1, err
-    assert "Traceback" not in result.output
-    return err
-
-
 @pytest.mark.parametrize(
     "content, fragments",
     [
@@ -663,7 +656,7 @@ def test_a_bad_tags_file_is_refused_in_one_line_before_the_run_folder(
     out = tmp_path / "run"
     args = ["train", "--method", "dupl", "--root", str(demo_root), "--out", str(out), "--device", "cpu", "--iters", "1",
             "--set", f'data.tags_file="{path}"', "--set", 'model.backbone="resnet18"']
-    err = _one_line_error(CliRunner().invoke(app, args))
+    err = one_line_error(CliRunner().invoke(app, args), code=2)
     for f in fragments:
         assert f in err, (f, err)
     assert not out.exists()  # refused before the run folder is made

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from semiseg_cli.cli import app
 from semiseg_cli.engine.loaders import SizeBatchedEval, dataset_sizes, eval_loader, image_sizes, size_batches
+from tests.cli_checks import one_line_error
 
 runner = CliRunner()
 # (width, height) of the val images, in file order: three sizes, interleaved.
@@ -55,15 +56,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert r.exit_code == 0, r.output
     assert (out / "best.pt").is_file()
     return root, out / "best.pt"
-
-
-def _one_line_error(result) -> str:  # type: ignore[no-untyped-def]
-    assert result.exit_code != 0, result.output
-    err = result.stderr.strip()
-    assert err.startswith("error:"), err
-    assert "Traceback" not in result.output and "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 # ----------------------------------------------------------------------------- batching
@@ -179,7 +171,7 @@ def test_bad_eval_options_fail_before_the_model_loads(
     _, ckpt = trained
     rep, png = tmp_path / "rep.json", tmp_path / "cm.png"
     r = runner.invoke(app, ["eval", "-c", str(ckpt), "--json", str(rep), "--confusion-png", str(png), "--workers", "0", *args])
-    assert fragment in _one_line_error(r)
+    assert fragment in one_line_error(r)
     assert not rep.exists() and not png.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -208,7 +200,7 @@ def test_bad_output_paths_fail_before_the_model_loads(trained: tuple[Path, Path]
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, fragment in cases:
         r = runner.invoke(app, ["eval", "-c", str(ckpt), "--workers", "0", *args])
-        assert fragment in _one_line_error(r), args
+        assert fragment in one_line_error(r), args
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not any(folder.iterdir())
     assert existing.read_text() == "old" and a_file.read_text() == "keep"
     if os.geteuid() != 0:
@@ -224,12 +216,12 @@ def test_unreadable_val_image_fails_before_the_model_loads(trained: tuple[Path, 
     (root / "images" / "val" / "im5.png").write_bytes(b"\x89PNG truncated")
     rep = tmp_path / "rep.json"
     r = runner.invoke(app, ["eval", "-c", str(ckpt), "--root", str(root), "--workers", "0", "--json", str(rep)])
-    assert "im5.png" in _one_line_error(r)
+    assert "im5.png" in one_line_error(r)
     assert not rep.exists()
 
 
 def test_checkpoint_folder_says_to_pass_a_file_inside_it(trained: tuple[Path, Path]) -> None:
     _, ckpt = trained
     r = runner.invoke(app, ["eval", "-c", str(ckpt.parent)])
-    err = _one_line_error(r)
+    err = one_line_error(r)
     assert "is a folder" in err and "best.pt" in err and "does not exist" not in err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from semiseg_cli.io import TMP_MARK
+from tests.cli_checks import temp_files
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = [
@@ -66,20 +66,16 @@ def semiseg(*args: str) -> subprocess.CompletedProcess[str]:
     return p
 
 
-def temps(root: Path) -> list[Path]:
-    return [p for p in root.rglob(f"*{TMP_MARK}*")]
-
-
 def test_kill_during_a_checkpoint_write_then_resume_is_bit_identical(demo_root: Path, tmp_path: Path) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"
     semiseg("train", "--root", str(demo_root), "--out", str(full), *TRAIN_ARGS)
     # torch.save is called for best.pt (step 2), last.pt (step 2), then last.pt at step 4: die there.
     run_killed("torch:save", 3, ["train", "--root", str(demo_root), "--out", str(cut), *TRAIN_ARGS])
-    left = temps(cut)
+    left = temp_files(cut)
     assert left, "the kill should have left a temporary file behind"
     assert torch.load(cut / "last.pt", weights_only=False)["step"] == 2  # the previous checkpoint survived
     semiseg("train", "--out", str(cut), "--resume", "--device", "cpu")
-    assert temps(cut) == []
+    assert temp_files(cut) == []
     a = torch.load(full / "last.pt", weights_only=False)
     b = torch.load(cut / "last.pt", weights_only=False)
     assert a["step"] == b["step"] == 4
@@ -115,9 +111,9 @@ def test_kill_during_a_pseudo_label_dump_then_rerun_equals_an_uninterrupted_dump
     # Pillow writes each image's label PNG (the maps are stored PNGs written directly): die in the
     # 3rd label, after the first two images are complete.
     run_killed("PIL.Image:Image.save", 3, ["pseudo-label", *args, "--out", str(cut)])
-    assert temps(cut), "the kill should have left a temporary file behind"
+    assert temp_files(cut), "the kill should have left a temporary file behind"
     semiseg("pseudo-label", *args, "--out", str(cut))
-    assert temps(cut) == []
+    assert temp_files(cut) == []
     assert_same_dump(full, cut)
 
 
@@ -172,5 +168,5 @@ def test_kill_of_a_pseudo_label_dump_with_writer_processes_leaves_none_behind_an
         time.sleep(0.2)
     assert not any(alive(pid) for pid in pids), "writer processes outlived their parent"
     semiseg("pseudo-label", *args, "--writers", "2", "--out", str(cut))
-    assert temps(cut) == []
+    assert temp_files(cut) == []
     assert_same_dump(full, cut)

@@ -21,6 +21,7 @@ from semiseg_cli.cli import app
 from semiseg_cli.data.layouts import IGNORE, LayoutOptions, get_layout
 from semiseg_cli.data.splits import draw_val, parse_val_amount, prepare_dataset, prepare_splits, read_split_file
 from semiseg_cli.errors import UserError
+from tests.cli_checks import one_line_error
 from tests.method_harness import TINY
 
 runner = CliRunner()
@@ -34,17 +35,6 @@ def snapshot(root: Path) -> dict[str, Any]:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def one_line_error(result: Any, *fragments: str) -> str:
-    assert result.exit_code != 0, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output and "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error:"), err
-    for f in fragments:
-        assert f in err, (f, err)
-    return err
 
 
 def refused_cleanly(tmp_path: Path, args: list[str], *fragments: str) -> str:

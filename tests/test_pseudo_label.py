@@ -26,6 +26,7 @@ from semiseg_cli.pseudo_label import (
     reliable_mask,
     summarise,
 )
+from tests.cli_checks import no_temp_files
 
 runner = CliRunner()
 
@@ -91,10 +92,6 @@ def error_line(output: str) -> str:
     lines = [ln for ln in output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, output
     return lines[0]
-
-
-def no_temp_files(folder: Path) -> bool:
-    return not [p for p in folder.rglob("*") if p.name.startswith(".") and p.name.endswith((".tmp.png", ".tmp.json", ".tmp.npz", ".tmp.jpg", ".tmp.jsonl", ".tmp.txt"))]
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -615,7 +612,6 @@ def test_a_writer_process_that_dies_is_reported_not_waited_for(tmp_path: Path) -
 def test_a_writer_killed_mid_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     import pl_pool_tasks
 
-    from semiseg_cli.io import TMP_MARK
     from semiseg_cli.pseudo_label.pool import PoolError, WriterPool
     from semiseg_cli.pseudo_label.writer import Writer
 
@@ -625,7 +621,7 @@ def test_a_writer_killed_mid_write_leaves_no_temporary_file(tmp_path: Path) -> N
     w.submit(0, "x", {"files": {}}, {"label": np.zeros((2, 2), np.uint8)})
     with pytest.raises(PoolError, match="killed by signal 9"):
         w.close()
-    assert (tmp_path / "labels").is_dir() and not list(tmp_path.rglob(f"*{TMP_MARK}*"))
+    assert (tmp_path / "labels").is_dir() and no_temp_files(tmp_path)
     assert w.records == {}
 
 
@@ -675,7 +671,6 @@ def test_any_number_of_writers_writes_the_same_bytes(ckpt: Path, split_file: Pat
 
 @pytest.mark.parametrize("writers", [0, 2])
 def test_a_write_error_mid_run_is_one_line_and_keeps_the_finished_images(ckpt: Path, split_file: Path, tmp_path: Path, writers: int) -> None:
-    from semiseg_cli.io import TMP_MARK
 
     out = tmp_path / "pl"
     args = ("pseudo-label", "-c", ckpt, "--split", split_file, "--out", out, "--workers", 0, "--writers", writers, "--batch-size", 2)
@@ -691,7 +686,7 @@ def test_a_write_error_mid_run_is_one_line_and_keeps_the_finished_images(ckpt: P
     assert f"entropy/{stem}.png" in line and "folder" in line
     manifest = [json.loads(x)["image"] for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 5 and f"{stem}.png" not in manifest
-    assert not list(out.rglob(f"*{TMP_MARK}*"))
+    assert no_temp_files(out)
     (out / "entropy" / f"{stem}.png").rmdir()
     code, output = invoke(*args)
     assert code == 0 and "1 images labelled, 5 already done" in " ".join(output.split())
