@@ -16,7 +16,8 @@
 # JSON's `step` says how far it got).
 #
 #   bash bench/gpu_session.sh                       # defaults: ../shared data and weights
-#   DEVICE=cpu ITERS=4 LONG_ITERS=0 QUICK=1 CAM_LIMIT=4 bash bench/gpu_session.sh   # dry run on a CPU
+#   DEVICE=cpu ITERS=4 LONG_ITERS=0 QUICK=1 CAM_LIMIT=4 DEADLINE=1500 bash bench/gpu_session.sh   # dry run on a CPU
+#     (nine trainings share the cores there: at the default DEADLINE the slowest are stopped)
 #   SWITCHES_ONLY=1 DEADLINE=600 bash bench/gpu_session.sh   # section 0 only (a short GPU loan)
 #   SKIP_SWITCHES=1 bash bench/gpu_session.sh                # everything but section 0
 set -uo pipefail
@@ -134,7 +135,7 @@ run() {  # name preset [train args...]: train, then evaluate best.pt on val (and
 it=(--iters "$ITERS")
 pids=()
 run sup "$SUP" "${it[@]}" & pids+=($!)
-run u2pl "$U2" "${UNL[@]}" "${it[@]}" & pids+=($!)
+run u2pl "$U2" "${UNL[@]}" "${it[@]}" --set u2pl.sup_only_iters=$(( 60 * ITERS / 300 )) & pids+=($!)  # the preset's 60 of 300
 run adv "$ADV" "${UNL[@]}" "${it[@]}" & pids+=($!)
 run unimatch "$UM" "${UNL[@]}" "${it[@]}" & pids+=($!)
 run fixmatch "$FM" "${UNL[@]}" "${it[@]}" & pids+=($!)
