@@ -96,6 +96,8 @@ def main() -> None:
     args = ap.parse_args()
     files = {p.stem: json.loads(p.read_text()) for p in args.files}
     summary = summarise(files, args.base)
+    if args.out:
+        write_json(args.out, summary)
     if args.markdown:
         test = None
         if args.test:
@@ -103,8 +105,6 @@ def main() -> None:
                 raise SystemExit(f"--test: {len(args.test)} files for {len(args.files)} seeds; give one per seed, in the same order")
             test = summarise({p.stem: json.loads(p.read_text()) for p in args.test}, args.base)
         print(markdown(summary, test))
-        if args.out:
-            write_json(args.out, summary)
         return
     seeds = summary["seeds"]
     table = Table(title=f"mIoU per seed, paired gap to {args.base}")
@@ -129,8 +129,6 @@ def main() -> None:
         if name != args.base and r["mean_class_gap"]:
             parts = ", ".join(f"{c} {g:+.1f}" for c, g in r["mean_class_gap"].items())
             console.print(f"{name}, mean class IoU gap: {parts}")
-    if args.out:
-        write_json(args.out, summary)
 
 
 def write_json(path: Path, summary: dict) -> None:
@@ -145,11 +143,14 @@ def markdown(val: dict, test: dict | None = None) -> str:
     seeds, base = val["seeds"], val["base"]
     tseeds = test["seeds"] if test else []
 
-    def both(fmt: str, v: float | None, t: float | None = None, with_test: bool = True) -> str:
+    def both(fmt: str, v: float | None, t: float | None = None) -> str:
         a = "—" if v is None else format(v, fmt)
-        if test is None or not with_test:
-            return a
-        return f"{a} / {'—' if t is None else format(t, fmt)}"
+        return a if test is None else f"{a} / {'—' if t is None else format(t, fmt)}"
+
+    def gap(x: dict | None) -> str:
+        if x is None or x["mean_gap"] is None:
+            return "—"
+        return f"{x['mean_gap']:+.2f}" + (f" ± {x['gap_se']:.2f}" if x["gap_se"] is not None else "")
 
     head = ["run", *[f"seed {i}" for i in range(len(seeds))], "mean", f"mean paired gap to {base} ± se", "ahead on", "p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -159,16 +160,12 @@ def markdown(val: dict, test: dict | None = None) -> str:
         n = len(r["mIoU"])
         mean = both(".2f", r["mean"], t["mean"] if t else None) + ("" if n == len(seeds) else f" ({n} seed{'s' * (n > 1)})")
         if name == base:
-            gap = wins = p = ""
+            gaps = wins = p = ""
         else:
-            def g(x: dict | None) -> str:
-                if x is None or x["mean_gap"] is None:
-                    return "—"
-                return f"{x['mean_gap']:+.2f}" + (f" ± {x['gap_se']:.2f}" if x["gap_se"] is not None else "")
-            gap = g(r) + (f" / {g(t)}" if test else "")
+            gaps = gap(r) + (f" / {gap(t)}" if test else "")
             wins = f"{r['wins']}/{len(r['gap'])}" + (f" / {t['wins']}/{len(t['gap'])}" if t else "")
             p = both(".3f", r["p_sign_flip"], t["p_sign_flip"] if t else None) if r["p_sign_flip"] is not None else ""
-        lines.append("| " + " | ".join([name, *cells, mean, gap, wins, p]) + " |")
+        lines.append("| " + " | ".join([name, *cells, mean, gaps, wins, p]) + " |")
     # Mean IoU per class and run (over the seeds it has), val.
     classes = list(next(iter(val["per_class_mean"].values())))
     lines += ["", "| class | " + " | ".join(val["runs"]) + " |", "|" + "---|" * (len(val["runs"]) + 1)]
