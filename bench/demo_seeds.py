@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None, help="demo-data --n-train (default: the generator's)")
     ap.add_argument("--n-val", type=int, default=None)
     ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--version", type=int, default=None, help="demo-data --version (default: the generator's)")
     ap.add_argument("--labeled", default=None, help="labeled fraction or count (default: make demo's)")
     ap.add_argument("--iters", type=int, default=None, help="override every preset's train.iters")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every run")
@@ -76,7 +77,7 @@ def main() -> None:
     log = out / "bench.log"
     data, splits = out / "data", out / "splits"
     gen = [py, "-m", "semiseg_cli", "demo-data", "--out", str(data), "--overwrite"]
-    for flag, v in (("--n-train", a.n_train), ("--n-val", a.n_val), ("--size", a.size)):
+    for flag, v in (("--n-train", a.n_train), ("--n-val", a.n_val), ("--size", a.size), ("--version", a.version)):
         if v is not None:
             gen += [flag, str(v)]
     if not (data / "semiseg_demo.json").is_file():

@@ -249,7 +249,7 @@ def demo_data_cmd(
     n_val: Annotated[int, typer.Option(help="Validation images.")] = 60,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
-    version: Annotated[int, typer.Option(help="Generator version: 3 (default, what make demo uses) or 2 (earlier releases).")] = 3,
+    version: Annotated[int, typer.Option(help="Generator version: 3 (default, what make demo uses), 2 (earlier releases) or 4-6 (the variants in docs/benchmarks.md, \"Demo data variants\").")] = 3,
     overwrite: Overwrite = False,
 ) -> None:
     """Generate the built-in synthetic demo dataset (no download)."""

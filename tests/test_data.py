@@ -287,10 +287,14 @@ def test_demo_is_byte_identical_per_seed(tmp_path: Path) -> None:
 # SHA-256 over (relative path, bytes) of every file of generate_demo(n_train=2, n_val=1, size=48,
 # seed=0): version 2 recorded from the generator as it was before version 3 existed (the figures of
 # earlier releases were measured on it), version 3 from the data `make demo` and
-# bench/demo_seeds.py measured. A change to either generator shows here.
+# bench/demo_seeds.py measured, versions 4-6 from the generator that bench/results/demo_variants
+# was measured on. A change to any generator shows here.
 _DEMO_SHA256 = {
     2: "e0f36074c1c1361d7e8b237f63b86f6b273c7510920a305bb469322ede6e3a16",
     3: "73c2e35d7c0d1271aadc7e08e39827977d7557bf459318ac2989a953e240398d",
+    4: "25a55c717a7032336007a497983b5c8f736cb28140189ae4736e8614d1ab7025",
+    5: "35aab5e67858ec651b47710856054c070fff58bf001d7560a8a464fd835608b6",
+    6: "a123fa0dac4316eee6ca9f7fbbd9df2a0ec1b52f41609f34b338c8d1ced33835",
 }
 
 
@@ -312,7 +316,7 @@ def test_demo_versions_differ_and_an_unknown_one_is_refused(tmp_path: Path) -> N
     v2 = _tree_bytes(generate_demo(tmp_path / "v2", n_train=1, n_val=1, size=32, version=2))
     v3 = _tree_bytes(generate_demo(tmp_path / "v3", n_train=1, n_val=1, size=32))  # default: 3
     assert v2["images/train/train_0000.png"] != v3["images/train/train_0000.png"]
-    with pytest.raises(UserError, match="version 9 does not exist; choose one of 2, 3"):
+    with pytest.raises(UserError, match="version 9 does not exist; choose one of 2, 3, 4, 5, 6"):
         generate_demo(tmp_path / "v9", n_train=1, n_val=1, size=32, version=9)
     assert not (tmp_path / "v9").exists()
 

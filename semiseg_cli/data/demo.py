@@ -5,7 +5,13 @@ like the background's, so colour says nothing about the class: a model has to us
 texture. Backgrounds are smooth two-colour noise with grain, thin lines and small blobs; later
 objects occlude earlier ones and objects may run off the image edge.
 
-Two generator versions (`semiseg demo-data --version`):
+Generator versions (`semiseg demo-data --version`); 4-6 are the variants of version 3 measured
+in docs/benchmarks.md ("Demo data variants") while redesigning the demo, kept so those figures
+can be reproduced:
+- **4**: the box's checks in the object's colour and its complement (not two shades of one
+  colour, which passed for background), two to five smaller objects per image.
+- **5**: version 3's layout, version 4's box, the triangle's dots larger and sparser.
+- **6**: version 4's layout, version 5's textures, wider capture conditions.
 - **3** (the default, what `make demo` uses): each class has a texture of its own that a small CNN
   can pick up from few examples — a disc of speckle, a box of large checks, a triangle of dots,
   an ellipse of stripes — and each image has its own capture condition (exposure, contrast,
@@ -41,7 +47,7 @@ from semiseg_cli.io import TMP_MARK, check_output_dir, clean_stale_temps
 CLASS_NAMES = ["background", "disc", "box", "triangle", "stripes"]
 MARKER = "semiseg_demo.json"
 VERSION = 3  # the default generator version
-VERSIONS = (2, 3)
+VERSIONS = (2, 3, 4, 5, 6)
 # What generate_demo owns inside its output folder; only these are ever replaced.
 OWNED = ("images", "masks", "classes.txt", MARKER)
 
@@ -130,6 +136,28 @@ def _checked_box(rng: np.random.Generator, size: int, xy: Coords, c: np.ndarray,
     return (np.abs(u) < a) & (np.abs(v) < b), c * (1 - 0.55 * check)
 
 
+def _contrast_checked_box(rng: np.random.Generator, size: int, xy: Coords, c: np.ndarray, style: "Style") -> tuple[np.ndarray, np.ndarray]:
+    """Version 4: a rectangle of checks in the object's colour and its complement (1.5x the
+    stripes' period), as contrasted as the other classes' textures, so it does not pass for a
+    patch of background."""
+    u, v, r = _frame(rng, size, xy, style)
+    a, b = r * rng.uniform(0.7, 1.0), r * rng.uniform(0.5, 1.0)
+    p = 1.5 * _period(rng, size)
+    check = (((np.floor(u / p) + np.floor(v / p)) % 2) > 0)[..., None]
+    return (np.abs(u) < a) & (np.abs(v) < b), np.where(check, 1 - c, c)
+
+
+def _big_dotted_triangle(rng: np.random.Generator, size: int, xy: Coords, c: np.ndarray, style: "Style") -> tuple[np.ndarray, np.ndarray]:
+    """Versions 5-6: version 3's dotted triangle with larger dots (radius 0.28 of the grid step
+    against 0.24) on a grid as wide as the stripes' period (against 0.7 of it)."""
+    u, v, r = _frame(rng, size, xy, style)
+    inside = _triangle_inside(u, v, 0.7 * r)
+    p = _period(rng, size)
+    du, dv = (u / p) % 1 - 0.5, (v / p) % 1 - 0.5
+    dot = (du * du + dv * dv < 0.08)[..., None]
+    return inside, np.where(dot, 1 - c, c)
+
+
 def _dotted_triangle(rng: np.random.Generator, size: int, xy: Coords, c: np.ndarray, style: "Style") -> tuple[np.ndarray, np.ndarray]:
     """An equilateral triangle (apothem 0.7 r) filled with a grid of dots in the complement."""
     u, v, r = _frame(rng, size, xy, style)
@@ -181,6 +209,24 @@ def _capture_condition(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return img
 
 
+def _strong_capture_condition(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Version 6: version 3's capture conditions, wider — exposure 0.5-1.3, contrast 0.5-1.0, a
+    colour cast of up to 20%, noise up to 0.06 and, in half the images, blur."""
+    gain = float(np.exp(rng.uniform(np.log(0.5), np.log(1.3))))
+    contrast = float(rng.uniform(0.5, 1.0))
+    cast = rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    mean = img.mean(axis=(0, 1), keepdims=True)
+    img = (mean + (img - mean) * contrast) * gain * cast
+    img = img + rng.normal(0, rng.uniform(0.01, 0.06), img.shape).astype(np.float32)
+    blur = float(rng.choice([0.0, 0.0, 0.6, 1.0]))
+    if blur:
+        from PIL import ImageFilter
+
+        u8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+        img = np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
+    return img
+
+
 def _sensor_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """Version 2: the same mild noise on every image."""
     return img + rng.normal(0, 0.025, img.shape).astype(np.float32)
@@ -203,6 +249,12 @@ STYLES = {
              clutter=(2, 7), objects=(1, 5), radius=(0.16, 0.30), plain_fraction=0.1, capture=_sensor_noise),
     3: Style({1: _speckled_disc, 2: _checked_box, 3: _dotted_triangle, 4: _stripes},
              clutter=(1, 4), objects=(1, 4), radius=(0.18, 0.32), plain_fraction=0.0, capture=_capture_condition),
+    4: Style({1: _speckled_disc, 2: _contrast_checked_box, 3: _dotted_triangle, 4: _stripes},
+             clutter=(1, 4), objects=(2, 6), radius=(0.14, 0.28), plain_fraction=0.0, capture=_capture_condition),
+    5: Style({1: _speckled_disc, 2: _contrast_checked_box, 3: _big_dotted_triangle, 4: _stripes},
+             clutter=(1, 4), objects=(1, 4), radius=(0.18, 0.32), plain_fraction=0.0, capture=_capture_condition),
+    6: Style({1: _speckled_disc, 2: _contrast_checked_box, 3: _big_dotted_triangle, 4: _stripes},
+             clutter=(1, 4), objects=(2, 6), radius=(0.14, 0.28), plain_fraction=0.0, capture=_strong_capture_condition),
 }
 
 
