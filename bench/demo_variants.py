@@ -29,6 +29,10 @@ def row(path: Path) -> dict:
         "gaps": {},
     }
     out["weakest"] = {s: {"class": k, "IoU": v} for s, (v, k) in out["weakest"].items()}
+    # The class supervised learns worst on the mean over seeds, and what each method makes of it.
+    means = {m: _class_means(per_seed, seeds) for m, per_seed in runs.items()}
+    worst = min((v, k) for k, v in means["supervised"].items() if v is not None)[1]
+    out["weakest_on_mean"] = {"class": worst, **{m: means[m].get(worst) for m in runs}}
     for m, per_seed in runs.items():
         if m == "supervised":
             continue
@@ -38,19 +42,32 @@ def row(path: Path) -> dict:
     return out
 
 
+def _class_means(per_seed: dict, seeds: list[str]) -> dict[str, float | None]:
+    common = [s for s in seeds if s in per_seed]
+    classes = per_seed[common[0]]["per_class"] if common else {}
+    out: dict[str, float | None] = {}
+    for c in classes:
+        xs = [per_seed[s]["per_class"].get(c) for s in common]
+        out[c] = None if any(x is None for x in xs) else statistics.fmean(xs)
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     methods = sorted({m for r in rows for m in r["gaps"]})
-    lines = ["| variant | version | seeds | supervised mIoU | supervised weakest class (per seed) | "
-             + " | ".join(f"{m} gap: mean (per seed)" for m in methods) + " |",
-             "|" + "---|" * (5 + len(methods))]
+    lines = ["| results file | version | seeds | val images | supervised mIoU | supervised weakest class (per seed) | "
+             + " | ".join(f"{m} gap: mean (per seed)" for m in methods)
+             + " | that class on the mean: supervised → " + " / ".join(methods) + " |",
+             "|" + "---|" * (7 + len(methods))]
     for r in rows:
         weak = ", ".join(f"{w['class']} {w['IoU']:.1f}" for w in r["weakest"].values())
         cells = []
         for m in methods:
             g = r["gaps"].get(m)
             cells.append("" if g is None else f"{g['mean']:+.2f} ({', '.join(f'{x:+.1f}' for x in g['per_seed'].values())})")
-        lines.append(f"| {Path(r['file']).stem} | {r['version']} | {','.join(map(str, r['seeds']))} | {r['supervised']:.2f} | {weak} | "
-                     + " | ".join(cells) + " |")
+        w = r["weakest_on_mean"]
+        moved = f"{w['class']} {w['supervised']:.1f} → " + " / ".join("" if w.get(m) is None else f"{w[m]:.1f}" for m in methods)
+        lines.append(f"| {r['file']} | {r['version']} | {','.join(map(str, r['seeds']))} | {r['n_val']} | {r['supervised']:.2f} | {weak} | "
+                     + " | ".join(cells) + f" | {moved} |")
     return "\n".join(lines)
 
 

@@ -62,6 +62,8 @@ def test_demo_variants_tabulates_the_baseline_floor_against_the_gain(tmp_path: P
     # supervised mIoU 50 and 65 -> mean 57.5; gaps +5 and -5 -> mean 0
     assert rows[0]["supervised"] == 57.5 and rows[0]["gaps"]["unimatch"] == {"mean": 0.0, "per_seed": {"0": 5.0, "1": -5.0}}
     assert rows[0]["weakest"] == {"0": {"class": "box", "IoU": 20.0}, "1": {"class": "box", "IoU": 40.0}}
+    # the class supervised learns worst on the mean over seeds (box: 30 against background's 85)
+    assert rows[0]["weakest_on_mean"] == {"class": "box", "supervised": 30.0, "unimatch": None}
     # an absent class (None) is not the weakest; supervised mIoU there is over the classes given
     assert rows[1]["weakest"]["0"] == {"class": "disc", "IoU": 10.0} and rows[1]["gaps"]["unimatch"]["mean"] == -2.0
-    assert "| va | 3 | 0,1 | 57.50 | box 20.0, box 40.0 | +0.00 (+5.0, -5.0) |" in r.stdout
+    assert "| va.json | 3 | 0,1 | 60 | 57.50 | box 20.0, box 40.0 | +0.00 (+5.0, -5.0) |" in r.stdout
