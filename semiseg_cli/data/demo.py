@@ -190,41 +190,39 @@ def _gradient_triangle(rng: np.random.Generator, size: int, xy: Coords, c: np.nd
     return inside, c * (0.45 + 0.7 * t)
 
 
-def _capture_condition(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """Version 3: one capture condition per image, over the whole image — exposure, contrast, a
-    colour cast, sensor noise and, in a quarter of the images, slight blur — as between cameras,
-    times of day and sites."""
-    gain = float(np.exp(rng.uniform(np.log(0.65), np.log(1.2))))
-    contrast = float(rng.uniform(0.7, 1.05))
-    cast = rng.uniform(0.88, 1.12, 3).astype(np.float32)
-    mean = img.mean(axis=(0, 1), keepdims=True)
-    img = (mean + (img - mean) * contrast) * gain * cast
-    img = img + rng.normal(0, rng.uniform(0.01, 0.04), img.shape).astype(np.float32)
-    blur = float(rng.choice([0.0, 0.0, 0.0, 0.7]))
-    if blur:
-        from PIL import ImageFilter
+@dataclass(frozen=True)
+class CaptureCondition:
+    """One capture condition per image, over the whole image — exposure, contrast, a colour cast,
+    sensor noise and sometimes blur — as between cameras, times of day and sites. Each field is
+    the range drawn from (`blurs`: the Gaussian radii drawn from with equal chance, 0 = none)."""
 
-        u8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-        img = np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
-    return img
+    gain: tuple[float, float]
+    contrast: tuple[float, float]
+    cast: tuple[float, float]
+    noise: tuple[float, float]
+    blurs: tuple[float, ...]
+
+    def __call__(self, rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+        gain = float(np.exp(rng.uniform(np.log(self.gain[0]), np.log(self.gain[1]))))
+        contrast = float(rng.uniform(*self.contrast))
+        cast = rng.uniform(*self.cast, 3).astype(np.float32)
+        mean = img.mean(axis=(0, 1), keepdims=True)
+        img = (mean + (img - mean) * contrast) * gain * cast
+        img = img + rng.normal(0, rng.uniform(*self.noise), img.shape).astype(np.float32)
+        blur = float(rng.choice(self.blurs))
+        if blur:
+            from PIL import ImageFilter
+
+            u8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+            img = np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
+        return img
 
 
-def _strong_capture_condition(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """Version 6: version 3's capture conditions, wider — exposure 0.5-1.3, contrast 0.5-1.0, a
-    colour cast of up to 20%, noise up to 0.06 and, in half the images, blur."""
-    gain = float(np.exp(rng.uniform(np.log(0.5), np.log(1.3))))
-    contrast = float(rng.uniform(0.5, 1.0))
-    cast = rng.uniform(0.8, 1.2, 3).astype(np.float32)
-    mean = img.mean(axis=(0, 1), keepdims=True)
-    img = (mean + (img - mean) * contrast) * gain * cast
-    img = img + rng.normal(0, rng.uniform(0.01, 0.06), img.shape).astype(np.float32)
-    blur = float(rng.choice([0.0, 0.0, 0.6, 1.0]))
-    if blur:
-        from PIL import ImageFilter
-
-        u8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-        img = np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(blur)), np.float32) / 255
-    return img
+# Version 3 (and 4-5): mild; a slight blur in a quarter of the images.
+_capture_condition = CaptureCondition(gain=(0.65, 1.2), contrast=(0.7, 1.05), cast=(0.88, 1.12), noise=(0.01, 0.04), blurs=(0.0, 0.0, 0.0, 0.7))
+# Version 6: wider — exposure down to 0.5, contrast down to 0.5, a cast of up to 20%, more noise,
+# blur in half the images.
+_strong_capture_condition = CaptureCondition(gain=(0.5, 1.3), contrast=(0.5, 1.0), cast=(0.8, 1.2), noise=(0.01, 0.06), blurs=(0.0, 0.0, 0.6, 1.0))
 
 
 def _sensor_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
