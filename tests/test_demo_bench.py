@@ -1,4 +1,5 @@
-"""bench/demo_seeds.py, the demo's per-seed comparison, runs end to end at a tiny size."""
+"""bench/demo_seeds.py, the demo's per-seed comparison, runs end to end at a tiny size; bench/demo_variants.py
+and bench/demo_confidence.py read what it and its runs leave."""
 
 from __future__ import annotations
 
@@ -7,13 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_demo_bench_runs_end_to_end_and_reports_every_seed_and_gap(tmp_path: Path) -> None:
-    out, dest = tmp_path / "runs", tmp_path / "demo_seeds.json"
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str], subprocess.CompletedProcess]:
+    """bench/demo_seeds.py --tiny over seeds 0 and 1, once for this module: (runs, json, command, result)."""
+    base = tmp_path_factory.mktemp("demo_bench")
+    out, dest = base / "runs", base / "demo_seeds.json"
     cmd = [sys.executable, str(REPO / "bench/demo_seeds.py"), "--tiny", "--seeds", "0,1", "--out", str(out), "--json", str(dest)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return out, dest, cmd, subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_the_demo_bench_runs_end_to_end_and_reports_every_seed_and_gap(tiny_bench) -> None:
+    out, dest, cmd, r = tiny_bench
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(dest.read_text())
     assert set(res["runs"]) == {"supervised", "u2pl", "unimatch"}
@@ -67,3 +79,47 @@ def test_demo_variants_tabulates_the_baseline_floor_against_the_gain(tmp_path: P
     # an absent class (None) is not the weakest; supervised mIoU there is over the classes given
     assert rows[1]["weakest"]["0"] == {"class": "disc", "IoU": 10.0} and rows[1]["gaps"]["unimatch"]["mean"] == -2.0
     assert "| va.json | 3 | 0,1 | 60 | 57.50 | box 20.0, box 40.0 | +0.00 (+5.0, -5.0) |" in r.stdout
+
+
+def _confidence(checkpoint: Path, split: Path, tau: float, dest: Path) -> dict:
+    r = subprocess.run([sys.executable, str(REPO / "bench/demo_confidence.py"), "-c", str(checkpoint), "--split", str(split),
+                        "--tau", str(tau), "--json", str(dest)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [res] = json.loads(dest.read_text())
+    return res
+
+
+def test_demo_confidence_counts_each_class_and_what_the_threshold_passes(tiny_bench, tmp_path: Path) -> None:
+    out, _, _, r = tiny_bench
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpt, split = out / "s0-unimatch" / "last.pt", out / "splits" / "unlabeled.txt"
+    # the pixels of each class, counted here from the mask files the split names
+    names = (out / "data" / "classes.txt").read_text().split()
+    counts = np.zeros(len(names), dtype=np.int64)
+    pairs = [line.split() for line in split.read_text().splitlines() if line.strip()]
+    for _, mask in pairs:
+        m = np.asarray(Image.open(out / "data" / mask)).ravel()
+        counts += np.bincount(m[m != 255], minlength=len(names))[: len(names)]
+    everything = _confidence(ckpt, split, 0.0, tmp_path / "t0.json")
+    half = _confidence(ckpt, split, 0.5, tmp_path / "t05.json")
+    assert everything["images"] == len(pairs) and everything["method"] == "unimatch"
+    for c, name in enumerate(names):
+        a, b = everything["per_class"][name], half["per_class"][name]
+        assert a["pixels"] == b["pixels"] == counts[c]
+        if not counts[c]:
+            assert a["confident"] is None
+            continue
+        # at tau 0 every pixel passes, so a right target is a correct prediction (the class's recall)
+        assert a["confident"] == 1.0 and a["targets_right"] == a["right_of_confident"]
+        # a higher threshold passes a subset: never more confident pixels or right targets
+        assert b["confident"] <= a["confident"] and b["targets_right"] <= a["targets_right"] + 1e-12
+        assert b["targets_into"] <= a["targets_into"] + 1e-12
+        if b["confident"]:
+            assert abs(b["targets_right"] - b["confident"] * b["right_of_confident"]) < 1e-9
+    # wrong targets: what each class receives from the others adds up to all confident wrong pixels
+    wrong_total = sum(v["targets_into"] * v["pixels"] for v in everything["per_class"].values() if v["pixels"])
+    right_total = sum(v["targets_right"] * v["pixels"] for v in everything["per_class"].values() if v["pixels"])
+    assert abs(wrong_total + right_total - counts.sum()) < 1e-6 * counts.sum()
+    bad = subprocess.run([sys.executable, str(REPO / "bench/demo_confidence.py"), "-c", str(ckpt), "--split", str(split), "--tau", "1.5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--tau 1.5" in bad.stderr and "Traceback" not in bad.stderr
