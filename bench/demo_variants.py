@@ -2,7 +2,7 @@
 
     python bench/demo_variants.py bench/results/demo_variants/v*.json [--json OUT] [--markdown]
 
-For each file: the generator version, the seeds, supervised's mean mIoU and its weakest class on
+For each file: the generator version, the labeled share, the iterations, the seeds, supervised's mean mIoU and its weakest class on
 each seed, and each semi-supervised method's mean gap to supervised (per seed in brackets) — the
 two quantities issue #19's targets pull against each other: a baseline that learns every class,
 and a gain from the unlabeled images.
@@ -23,7 +23,7 @@ def row(path: Path) -> dict:
     runs = d["runs"]
     sup = runs["supervised"]
     out = {
-        "file": path.name, "version": d["data"]["version"], "labeled": d["labeled"], "seeds": d["seeds"],
+        "file": path.name, "version": d["data"]["version"], "labeled": d["labeled"], "iters": _iterations(d), "seeds": d["seeds"],
         "n_val": d["data"]["n_val"], "supervised": statistics.fmean(sup[s]["mIoU"] for s in seeds),
         "weakest": {s: min((v, k) for k, v in sup[s]["per_class"].items() if v is not None) for s in seeds},
         "gaps": {},
@@ -42,6 +42,15 @@ def row(path: Path) -> dict:
     return out
 
 
+def _iterations(d: dict) -> int:
+    """The schedule the runs trained for: demo_seeds --iters, else the supervised preset's."""
+    if d.get("iters") is not None:
+        return int(d["iters"])
+    from semiseg_cli.config import load_preset, resolve_preset
+
+    return int(load_preset(resolve_preset(d["presets"]["supervised"]))["train"]["iters"])
+
+
 def _class_means(per_seed: dict, seeds: list[str]) -> dict[str, float | None]:
     common = [s for s in seeds if s in per_seed]
     classes = per_seed[common[0]]["per_class"] if common else {}
@@ -54,10 +63,10 @@ def _class_means(per_seed: dict, seeds: list[str]) -> dict[str, float | None]:
 
 def markdown(rows: list[dict]) -> str:
     methods = sorted({m for r in rows for m in r["gaps"]})
-    lines = ["| results file | version | seeds | val images | supervised mIoU | supervised weakest class (per seed) | "
+    lines = ["| results file | version | labeled | iterations | seeds | val images | supervised mIoU | supervised weakest class (per seed) | "
              + " | ".join(f"{m} gap: mean (per seed)" for m in methods)
              + " | that class on the mean: supervised → " + " / ".join(methods) + " |",
-             "|" + "---|" * (7 + len(methods))]
+             "|" + "---|" * (9 + len(methods))]
     for r in rows:
         weak = ", ".join(f"{w['class']} {w['IoU']:.1f}" for w in r["weakest"].values())
         cells = []
@@ -66,7 +75,7 @@ def markdown(rows: list[dict]) -> str:
             cells.append("" if g is None else f"{g['mean']:+.2f} ({', '.join(f'{x:+.1f}' for x in g['per_seed'].values())})")
         w = r["weakest_on_mean"]
         moved = f"{w['class']} {w['supervised']:.1f} → " + " / ".join("" if w.get(m) is None else f"{w[m]:.1f}" for m in methods)
-        lines.append(f"| {r['file']} | {r['version']} | {','.join(map(str, r['seeds']))} | {r['n_val']} | {r['supervised']:.2f} | {weak} | "
+        lines.append(f"| {r['file']} | {r['version']} | {r['labeled']} | {r['iters']} | {','.join(map(str, r['seeds']))} | {r['n_val']} | {r['supervised']:.2f} | {weak} | "
                      + " | ".join(cells) + f" | {moved} |")
     return "\n".join(lines)
 

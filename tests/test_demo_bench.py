@@ -50,7 +50,7 @@ def test_the_demo_bench_runs_end_to_end_and_reports_every_seed_and_gap(tiny_benc
     assert {p: p.stat().st_mtime_ns for p in out.glob("s*-*/last.pt")} == before
 
 
-def _demo_seeds_json(path: Path, version: int, sup: dict[str, dict[str, float]], uni: dict[str, float]) -> Path:
+def _demo_seeds_json(path: Path, version: int, sup: dict[str, dict[str, float]], uni: dict[str, float], iters: int | None = None) -> Path:
     """A file shaped as bench/demo_seeds.py writes it: per-class IoU for supervised, mIoU for both."""
     def miou(pc: dict) -> float:
         xs = [v for v in pc.values() if v is not None]
@@ -58,19 +58,23 @@ def _demo_seeds_json(path: Path, version: int, sup: dict[str, dict[str, float]],
 
     runs = {"supervised": {s: {"mIoU": miou(pc), "per_class": pc} for s, pc in sup.items()},
             "unimatch": {s: {"mIoU": m, "per_class": {}} for s, m in uni.items()}}
-    path.write_text(json.dumps({"seeds": [int(s) for s in sup], "labeled": "1/16", "data": {"version": version, "n_val": 60}, "runs": runs}))
+    path.write_text(json.dumps({"seeds": [int(s) for s in sup], "labeled": "1/16", "iters": iters, "data": {"version": version, "n_val": 60},
+                                "presets": {"supervised": "supervised_r18-os16_1x8-800it_demo-64"}, "runs": runs}))
     return path
 
 
 def test_demo_variants_tabulates_the_baseline_floor_against_the_gain(tmp_path: Path) -> None:
     a = _demo_seeds_json(tmp_path / "va.json", 3, {"0": {"bg": 80.0, "box": 20.0}, "1": {"bg": 90.0, "box": 40.0}}, {"0": 55.0, "1": 60.0})
-    b = _demo_seeds_json(tmp_path / "vb.json", 4, {"0": {"bg": 70.0, "box": None, "disc": 10.0}}, {"0": 38.0})
+    b = _demo_seeds_json(tmp_path / "vb.json", 4, {"0": {"bg": 70.0, "box": None, "disc": 10.0}}, {"0": 38.0}, iters=1600)
     dest = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, str(REPO / "bench/demo_variants.py"), str(a), str(b), "--json", str(dest)],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rows = json.loads(dest.read_text())
     assert [x["version"] for x in rows] == [3, 4]
+    # the schedule: demo_seeds --iters where given, else what the supervised preset trains for
+    preset = (REPO / "presets/supervised_r18-os16_1x8-800it_demo-64.toml").read_text()
+    assert [x["iters"] for x in rows] == [int(preset.split("iters =")[1].split()[0]), 1600]
     # supervised mIoU 50 and 65 -> mean 57.5; gaps +5 and -5 -> mean 0
     assert rows[0]["supervised"] == 57.5 and rows[0]["gaps"]["unimatch"] == {"mean": 0.0, "per_seed": {"0": 5.0, "1": -5.0}}
     assert rows[0]["weakest"] == {"0": {"class": "box", "IoU": 20.0}, "1": {"class": "box", "IoU": 40.0}}
@@ -78,7 +82,7 @@ def test_demo_variants_tabulates_the_baseline_floor_against_the_gain(tmp_path: P
     assert rows[0]["weakest_on_mean"] == {"class": "box", "supervised": 30.0, "unimatch": None}
     # an absent class (None) is not the weakest; supervised mIoU there is over the classes given
     assert rows[1]["weakest"]["0"] == {"class": "disc", "IoU": 10.0} and rows[1]["gaps"]["unimatch"]["mean"] == -2.0
-    assert "| va.json | 3 | 0,1 | 60 | 57.50 | box 20.0, box 40.0 | +0.00 (+5.0, -5.0) |" in r.stdout
+    assert f"| va.json | 3 | 1/16 | {rows[0]['iters']} | 0,1 | 60 | 57.50 | box 20.0, box 40.0 | +0.00 (+5.0, -5.0) |" in r.stdout
 
 
 def _confidence(checkpoint: Path, split: Path, tau: float, dest: Path) -> dict:
