@@ -3,18 +3,20 @@ pixels a model predicts with max probability >= tau, and how many of those are r
 
     python bench/demo_confidence.py -c runs/demo-seeds-v3/s0-supervised/last.pt \
         -c runs/demo-seeds-v3/s0-unimatch/last.pt --split runs/demo-seeds-v3/splits/unlabeled.txt \
-        [--tau 0.95] [--json bench/results/demo_confidence.json]
+        [--tau 0.95] [--json bench/results/demo_confidence_v3_s0.json]
 
-For UniMatch and FixMatch the threshold decides which unlabeled pixels get a pseudo-label, so a
-class with few confident pixels gets few targets, whatever the unlabeled images hold. Needs images
-with masks (the demo's unlabeled images have them). Whole images, the model in eval mode: training
-sees crops (64 px in the demo), where the model is a few points less accurate, so this is what the
-threshold would pass at best.
+For UniMatch and FixMatch the threshold decides which unlabeled pixels get a pseudo-label: a class
+with few confident pixels gets few targets, and one the model confidently takes for another class
+gets wrong ones, whatever the unlabeled images hold. Needs images with masks (the demo's unlabeled
+images have them). The model in eval mode on whole images (training sees crops, 64 px in the demo,
+of the same images), so this describes the model a run ends with, not each step's targets.
 
-Per class: `pixels`; `confident` = share of its pixels at or above tau; `right_of_confident` = share
-of those predicted as the class; `targets_right` = share of its pixels that get a correct target;
+Per class: `pixels`; `recall` = share of its pixels predicted right (no threshold); `confident` =
+share of its pixels at or above tau; `right_of_confident` = share of those predicted as the class;
+`targets_right` / `targets_wrong` = share of its pixels that get a right / a wrong target;
 `targets_into` = how many confident pixels of *other* classes are labeled as this one, per pixel
-of this class (wrong targets it receives).
+of this class (wrong targets it receives); `targets_as` = share of its pixels whose target is each
+class (the table names the most common wrong one).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def class_confidence(checkpoint: Path, split: str, tau: float) -> dict:
     count = torch.zeros(k, dtype=torch.long)  # pixels per ground-truth class
     conf = torch.zeros(k, dtype=torch.long)  # ... of them confident
     right = torch.zeros(k, dtype=torch.long)  # ... confident and right
+    hit = torch.zeros(k, dtype=torch.long)  # ... predicted right, whatever the confidence
+    conf_as = torch.zeros(k, k, dtype=torch.long)  # [true class, target]: the confident pixels
     into = torch.zeros(k, dtype=torch.long)  # confident pixels of other classes labeled as this one
     for i in range(len(ds)):
         item = ds[i]
@@ -59,6 +63,8 @@ def class_confidence(checkpoint: Path, split: str, tau: float) -> dict:
         count += torch.bincount(gt[ok], minlength=k)[:k]
         conf += torch.bincount(gt[sure], minlength=k)[:k]
         right += torch.bincount(gt[sure & (pred == gt)], minlength=k)[:k]
+        hit += torch.bincount(gt[ok & (pred == gt)], minlength=k)[:k]
+        conf_as += torch.bincount(gt[sure] * k + pred[sure], minlength=k * k)[: k * k].view(k, k)
         into += torch.bincount(pred[sure & (pred != gt)], minlength=k)[:k]
     names = list(ckpt["class_names"])
     per_class = {}
@@ -66,10 +72,13 @@ def class_confidence(checkpoint: Path, split: str, tau: float) -> dict:
         n = int(count[c])
         per_class[names[c]] = {
             "pixels": n,
+            "recall": float(hit[c]) / n if n else None,
             "confident": float(conf[c]) / n if n else None,
             "right_of_confident": float(right[c]) / int(conf[c]) if int(conf[c]) else None,
             "targets_right": float(right[c]) / n if n else None,
+            "targets_wrong": float(conf[c] - right[c]) / n if n else None,
             "targets_into": float(into[c]) / n if n else None,
+            "targets_as": {names[j]: float(conf_as[c, j]) / n for j in range(k)} if n else None,
         }
     return {"checkpoint": _repo_relative(checkpoint), "method": inputs.cfg.method, "split": split, "images": len(ds), "tau": tau, "per_class": per_class}
 
@@ -80,32 +89,64 @@ def _repo_relative(path: Path) -> str:
     return p.relative_to(REPO).as_posix() if p.is_relative_to(REPO) else path.as_posix()
 
 
+def _mostly(v: dict) -> str:
+    """The class most of a class's wrong targets name, and how many of its pixels get it."""
+    wrong = {j: x for j, x in (v.get("targets_as") or {}).items() if j != v["name"]}
+    if not wrong or not max(wrong.values()):
+        return "n/a"
+    j = max(wrong, key=wrong.get)
+    return f"{j} {100 * wrong[j]:.1f}%"
+
+
+COLUMNS = (("recall", "predicted right"), ("confident", ">= tau"), ("right_of_confident", "right of those"),
+           ("targets_right", "right target"), ("targets_wrong", "wrong target"), ("targets_into", "wrong into it"))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"{r['checkpoint']} ({r['method']}), {r['images']} images, tau {r['tau']}:", "",
+             "| class | " + " | ".join(h for _, h in COLUMNS) + " | wrong targets mostly |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for name, v in r["per_class"].items():
+        lines.append(f"| {name} | " + " | ".join("n/a" if v[k] is None else f"{100 * v[k]:.1f}%" for k, _ in COLUMNS)
+                     + f" | {_mostly({**v, 'name': name})} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-c", "--checkpoint", type=Path, action="append", required=True)
-    ap.add_argument("--split", required=True, help="a split file (or name) whose images have masks")
+    ap.add_argument("-c", "--checkpoint", type=Path, action="append", default=[])
+    ap.add_argument("--split", default=None, help="a split file (or name) whose images have masks")
     ap.add_argument("--tau", type=float, default=0.95)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--from", dest="source", type=Path, default=None, help="show a JSON this script wrote instead of computing")
+    ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     a = ap.parse_args()
-    if not 0.0 <= a.tau <= 1.0:
-        ap.error(f"--tau {a.tau}: a probability threshold lies in [0, 1]")
-    torch.set_grad_enabled(False)
-    from semiseg_cli.errors import UserError
+    if a.source is not None:
+        results = json.loads(a.source.read_text())
+    else:
+        if not a.checkpoint or a.split is None:
+            ap.error("give -c CHECKPOINT (one or more) and --split, or --from JSON")
+        if not 0.0 <= a.tau <= 1.0:
+            ap.error(f"--tau {a.tau}: a probability threshold lies in [0, 1]")
+        torch.set_grad_enabled(False)
+        from semiseg_cli.errors import UserError
 
-    try:
-        results = [class_confidence(c, a.split, a.tau) for c in a.checkpoint]
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-    console = Console()
+        try:
+            results = [class_confidence(c, a.split, a.tau) for c in a.checkpoint]
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
+    console = Console(width=max(Console().width, 110))
     for r in results:
         t = Table(title=f"{r['checkpoint']} ({r['method']}), {r['images']} images, tau {r['tau']}")
-        for col in ("class", "confident", "right of confident", "gets a right target", "wrong targets into it"):
-            t.add_column(col, justify="right")
+        t.add_column("class")
+        for _, head in COLUMNS:
+            t.add_column(head, justify="right")
+        t.add_column("wrong targets mostly", justify="right")
         for name, v in r["per_class"].items():
-            cells = [v[key] for key in ("confident", "right_of_confident", "targets_right", "targets_into")]
-            t.add_row(name, *("n/a" if x is None else f"{100 * x:.1f}%" for x in cells))
+            t.add_row(name, *("n/a" if v[k] is None else f"{100 * v[k]:.1f}%" for k, _ in COLUMNS), _mostly({**v, "name": name}))
         console.print(t)
-    if a.json is not None:
+    if a.markdown:
+        print("\n\n".join(markdown(r) for r in results))
+    if a.json is not None and a.source is None:
         tmp = a.json.with_name(a.json.name + ".tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, a.json)

@@ -114,16 +114,27 @@ def test_demo_confidence_counts_each_class_and_what_the_threshold_passes(tiny_be
             assert a["confident"] is None
             continue
         # at tau 0 every pixel passes, so a right target is a correct prediction (the class's recall)
-        assert a["confident"] == 1.0 and a["targets_right"] == a["right_of_confident"]
+        assert a["confident"] == 1.0 and a["targets_right"] == a["right_of_confident"] == a["recall"] == b["recall"]
+        assert abs(a["targets_right"] + a["targets_wrong"] - 1.0) < 1e-9
         # a higher threshold passes a subset: never more confident pixels or right targets
         assert b["confident"] <= a["confident"] and b["targets_right"] <= a["targets_right"] + 1e-12
         assert b["targets_into"] <= a["targets_into"] + 1e-12
+        # the targets a class's pixels get, by class: the right ones, then the wrong ones
+        for r in (a, b):
+            assert abs(r["targets_as"][name] - r["targets_right"]) < 1e-9
+            assert abs(sum(r["targets_as"].values()) - r["confident"]) < 1e-9
         if b["confident"]:
             assert abs(b["targets_right"] - b["confident"] * b["right_of_confident"]) < 1e-9
+        assert abs(b["targets_right"] + b["targets_wrong"] - b["confident"]) < 1e-9
     # wrong targets: what each class receives from the others adds up to all confident wrong pixels
     wrong_total = sum(v["targets_into"] * v["pixels"] for v in everything["per_class"].values() if v["pixels"])
     right_total = sum(v["targets_right"] * v["pixels"] for v in everything["per_class"].values() if v["pixels"])
     assert abs(wrong_total + right_total - counts.sum()) < 1e-6 * counts.sum()
+    # what the other classes' pixels get as this class is what this class receives
+    for name, v in everything["per_class"].items():
+        if v["pixels"]:
+            given = sum(w["targets_as"][name] * w["pixels"] for other, w in everything["per_class"].items() if other != name and w["pixels"])
+            assert abs(given - v["targets_into"] * v["pixels"]) < 1e-6 * counts.sum()
     bad = subprocess.run([sys.executable, str(REPO / "bench/demo_confidence.py"), "-c", str(ckpt), "--split", str(split), "--tau", "1.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--tau 1.5" in bad.stderr and "Traceback" not in bad.stderr
