@@ -48,11 +48,8 @@ def class_confidence(checkpoint: Path, split: str, tau: float) -> dict:
     settings = InferenceSettings.from_config(inputs.cfg)
     k = int(ckpt["num_classes"])
     count = torch.zeros(k, dtype=torch.long)  # pixels per ground-truth class
-    conf = torch.zeros(k, dtype=torch.long)  # ... of them confident
-    right = torch.zeros(k, dtype=torch.long)  # ... confident and right
     hit = torch.zeros(k, dtype=torch.long)  # ... predicted right, whatever the confidence
     conf_as = torch.zeros(k, k, dtype=torch.long)  # [true class, target]: the confident pixels
-    into = torch.zeros(k, dtype=torch.long)  # confident pixels of other classes labeled as this one
     for i in range(len(ds)):
         item = ds[i]
         gt = item["mask"].long()
@@ -61,11 +58,11 @@ def class_confidence(checkpoint: Path, split: str, tau: float) -> dict:
         ok = gt != 255
         sure = (top >= tau) & ok
         count += torch.bincount(gt[ok], minlength=k)[:k]
-        conf += torch.bincount(gt[sure], minlength=k)[:k]
-        right += torch.bincount(gt[sure & (pred == gt)], minlength=k)[:k]
         hit += torch.bincount(gt[ok & (pred == gt)], minlength=k)[:k]
         conf_as += torch.bincount(gt[sure] * k + pred[sure], minlength=k * k)[: k * k].view(k, k)
-        into += torch.bincount(pred[sure & (pred != gt)], minlength=k)[:k]
+    conf = conf_as.sum(1)  # confident pixels per true class
+    right = conf_as.diagonal()  # ... of them right
+    into = conf_as.sum(0) - right  # confident pixels of other classes labeled as this one
     names = list(ckpt["class_names"])
     per_class = {}
     for c in range(k):
@@ -89,9 +86,9 @@ def _repo_relative(path: Path) -> str:
     return p.relative_to(REPO).as_posix() if p.is_relative_to(REPO) else path.as_posix()
 
 
-def _mostly(v: dict) -> str:
+def _mostly(name: str, v: dict) -> str:
     """The class most of a class's wrong targets name, and how many of its pixels get it."""
-    wrong = {j: x for j, x in (v.get("targets_as") or {}).items() if j != v["name"]}
+    wrong = {j: x for j, x in (v.get("targets_as") or {}).items() if j != name}
     if not wrong or not max(wrong.values()):
         return "n/a"
     j = max(wrong, key=wrong.get)
@@ -102,12 +99,16 @@ COLUMNS = (("recall", "predicted right"), ("confident", ">= tau"), ("right_of_co
            ("targets_right", "right target"), ("targets_wrong", "wrong target"), ("targets_into", "wrong into it"))
 
 
+def _cells(name: str, v: dict) -> list[str]:
+    """One table row: the class, its COLUMNS in %, then where its wrong targets mostly go."""
+    return [name, *("n/a" if v[k] is None else f"{100 * v[k]:.1f}%" for k, _ in COLUMNS), _mostly(name, v)]
+
+
 def markdown(r: dict) -> str:
     lines = [f"{r['checkpoint']} ({r['method']}), {r['images']} images, tau {r['tau']}:", "",
              "| class | " + " | ".join(h for _, h in COLUMNS) + " | wrong targets mostly |", "|---" * (len(COLUMNS) + 2) + "|"]
     for name, v in r["per_class"].items():
-        lines.append(f"| {name} | " + " | ".join("n/a" if v[k] is None else f"{100 * v[k]:.1f}%" for k, _ in COLUMNS)
-                     + f" | {_mostly({**v, 'name': name})} |")
+        lines.append("| " + " | ".join(_cells(name, v)) + " |")
     return "\n".join(lines)
 
 
@@ -142,7 +143,7 @@ def main() -> None:
             t.add_column(head, justify="right")
         t.add_column("wrong targets mostly", justify="right")
         for name, v in r["per_class"].items():
-            t.add_row(name, *("n/a" if v[k] is None else f"{100 * v[k]:.1f}%" for k, _ in COLUMNS), _mostly({**v, "name": name}))
+            t.add_row(*_cells(name, v))
         console.print(t)
     if a.markdown:
         print("\n\n".join(markdown(r) for r in results))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,8 @@ def test_demo_variants_tabulates_the_baseline_floor_against_the_gain(tmp_path: P
     rows = json.loads(dest.read_text())
     assert [x["version"] for x in rows] == [3, 4]
     # the schedule: demo_seeds --iters where given, else what the supervised preset trains for
-    preset = (REPO / "presets/supervised_r18-os16_1x8-800it_demo-64.toml").read_text()
-    assert [x["iters"] for x in rows] == [int(preset.split("iters =")[1].split()[0]), 1600]
+    preset = tomllib.loads((REPO / "presets/supervised_r18-os16_1x8-800it_demo-64.toml").read_text())
+    assert [x["iters"] for x in rows] == [preset["train"]["iters"], 1600]
     # supervised mIoU 50 and 65 -> mean 57.5; gaps +5 and -5 -> mean 0
     assert rows[0]["supervised"] == 57.5 and rows[0]["gaps"]["unimatch"] == {"mean": 0.0, "per_seed": {"0": 5.0, "1": -5.0}}
     assert rows[0]["weakest"] == {"0": {"class": "box", "IoU": 20.0}, "1": {"class": "box", "IoU": 40.0}}
